@@ -1,0 +1,2 @@
+//! Consensus (being written by the consensus work): openraft groups per partition.
+pub mod state;
