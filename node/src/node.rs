@@ -5,7 +5,24 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use parley_proto::v1::chat_server::ChatServer;
+use parley_proto::v1::cluster_server::ClusterServer;
+use tokio::sync::{broadcast, watch};
+
+use crate::api::{self, http, ChatService, Ctx};
+use crate::clock::Hlc;
+use crate::consensus::state::{Applied, Command, Role};
+use crate::consensus::{AppliedEvent, ClusterRaftService, Groups};
+use crate::delivery::Hub;
+use crate::ids::NodeId;
+use crate::placement::Placement;
+use crate::replication::markers::Markers;
+use crate::replication::presence::Presence;
+use crate::replication::{ChunkLimits, Timelines};
+use crate::store::Db;
 
 /// Everything a node needs to start. `Config::default_for(dir)` gives test defaults.
 #[derive(Debug, Clone)]
@@ -60,12 +77,247 @@ pub struct Bound {
     pub pid: u32,
 }
 
-/// Runs a node until `shutdown` resolves. (Being wired; see api/ and replication/.)
+/// How long `run` waits for in-flight requests when shutting down.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// Runs a node until `shutdown` resolves: opens storage, recovers the Raft groups and
+/// timelines, serves gRPC and HTTP, writes `<data_dir>/node.json` once it serves.
 pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let _ = config;
+    use anyhow::Context as _;
+
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let bound_file = config.data_dir.join("node.json");
+    let _ = std::fs::remove_file(&bound_file);
+    let node = node_id(&config)?;
+    let db = Db::open(&config.data_dir.join("db"))
+        .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+    let hlc = Arc::new(Hlc::new(node.0 as u32, config.clock_offset_ms));
+
+    let grpc_listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen for gRPC on {}", config.listen))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let http_listener = match config.http {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen for HTTP on {a}"))?,
+        ),
+        None => None,
+    };
+    let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+    let (applied_tx, applied_rx) = broadcast::channel(4096);
+    let groups = Groups::open(&db, node, grpc_addr, config.partitions, applied_tx)
+        .await
+        .context("cannot start the Raft groups")?;
+    let hub = Hub::new();
+    let timelines = Timelines::open(&db, hlc.clone(), hub.clone(), ChunkLimits::default())?;
+    let markers = Markers::open(&db)?;
+    let ctx = Arc::new(Ctx {
+        node,
+        groups: groups.clone(),
+        timelines,
+        hub,
+        presence: Presence::new(config.presence_ttl),
+        markers,
+        placement: Placement::new(config.partitions),
+        hlc,
+        write_quorum: config.write_quorum,
+        replicas: 1,
+        metrics: Default::default(),
+        db: db.clone(),
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(applied_events(ctx.clone(), applied_rx, stop_rx.clone()));
+    tasks.spawn(expiry(ctx.clone(), stop_rx.clone()));
+
+    let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ChatServer<ChatService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(parley_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build gRPC reflection")?;
+    let grpc = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(256)
+        .tcp_nodelay(true)
+        .add_service(ChatServer::new(ChatService::new(ctx.clone())).max_decoding_message_size(1 << 20))
+        .add_service(ClusterServer::new(ClusterRaftService::new(groups.clone(), "parley", http_addr)))
+        .add_service(health_service)
+        .add_service(reflection);
+    let mut stop = stop_rx.clone();
+    tasks.spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        let res = grpc
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = res {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    });
+    if let Some(listener) = http_listener {
+        let router = http::router(ctx.clone());
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let res = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = res {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+    }
+
+    let bound = Bound { node_id: node.0, grpc: grpc_addr, http: http_addr, pid: std::process::id() };
+    let tmp = config.data_dir.join("node.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&bound)?)?;
+    std::fs::rename(&tmp, &bound_file)?;
+    tracing::info!(node = %node, grpc = %grpc_addr, http = ?http_addr, "serving");
+    println!(
+        "parley: serving node {node} grpc={grpc_addr} http={}",
+        http_addr.map_or_else(|| "-".to_string(), |a| a.to_string())
+    );
+
     shutdown.await;
+    tracing::info!(node = %node, "shutting down");
+    let _ = std::fs::remove_file(&bound_file);
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(DRAIN, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tasks.abort_all();
+    }
+    groups.shutdown().await;
+    db.flush().await?;
     Ok(())
+}
+
+/// The node's id: from the config, else from `<data_dir>/node_id`, else a fresh random
+/// one (kept in 1..2^32 because message ids carry 32 bits of origin node).
+fn node_id(config: &Config) -> anyhow::Result<NodeId> {
+    let path = config.data_dir.join("node_id");
+    let stored = match std::fs::read_to_string(&path) {
+        Ok(s) => Some(
+            s.trim()
+                .parse::<u64>()
+                .map_err(|e| anyhow::anyhow!("{} is corrupt: {e}", path.display()))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e.into()),
+    };
+    let id = match (config.node_id, stored) {
+        (Some(want), Some(have)) if want != have => {
+            anyhow::bail!("--node-id {want} but {} says this data dir belongs to node {have}", path.display())
+        }
+        (Some(id), _) | (None, Some(id)) => id,
+        (None, None) => u64::from(rand::random::<u32>().max(1)),
+    };
+    if id == 0 || id > u64::from(u32::MAX) {
+        anyhow::bail!("node id must be in 1..=4294967295");
+    }
+    if stored.is_none() {
+        std::fs::write(&path, format!("{id}\n"))?;
+    }
+    Ok(NodeId(id))
+}
+
+/// Turns applied Raft commands into membership events for subscribers, and forgets the
+/// timelines of deleted rooms. Runs on every replica.
+async fn applied_events(ctx: Arc<Ctx>, mut rx: broadcast::Receiver<AppliedEvent>, mut stop: watch::Receiver<bool>) {
+    use parley_proto::v1 as pb;
+    use pb::MembershipChange as C;
+    loop {
+        let ev = tokio::select! {
+            ev = rx.recv() => ev,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "membership event stream lagged; some live events were not sent");
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let (room, user, change, by, role) = match (&ev.command, &ev.applied) {
+            (_, Applied::Membership { changed: false, .. }) => continue,
+            (Command::Join { room, user, .. }, _) => (room, user, C::MembershipJoined, user, Role::Member),
+            (Command::Leave { room, user }, _) => (room, user, C::MembershipLeft, user, Role::Member),
+            (Command::Invite { room, by, user, .. }, _) => (room, user, C::MembershipInvited, by, Role::Member),
+            (Command::Kick { room, by, user }, _) => (room, user, C::MembershipKicked, by, Role::Member),
+            (Command::Ban { room, by, user, .. }, _) => (room, user, C::MembershipBanned, by, Role::Member),
+            (Command::Unban { room, by, user }, _) => (room, user, C::MembershipUnbanned, by, Role::Member),
+            (Command::SetRole { room, by, user, role }, _) => (room, user, C::MembershipRoleChanged, by, *role),
+            (Command::DeleteRoom { room, by }, _) => {
+                publish_membership(&ctx, room, by, C::MembershipRoomDeleted, by, Role::Member);
+                if let Err(e) = ctx.timelines.purge_room(room).await {
+                    tracing::warn!(room = %room, error = %e, "could not purge a deleted room's timeline");
+                }
+                if let Err(e) = ctx.markers.purge_room(room) {
+                    tracing::warn!(room = %room, error = %e, "could not purge a deleted room's markers");
+                }
+                continue;
+            }
+            _ => continue,
+        };
+        publish_membership(&ctx, room, user, change, by, role);
+    }
+}
+
+fn publish_membership(
+    ctx: &Ctx,
+    room: &crate::ids::RoomId,
+    user: &crate::ids::UserId,
+    change: parley_proto::v1::MembershipChange,
+    by: &crate::ids::UserId,
+    role: Role,
+) {
+    use parley_proto::v1 as pb;
+    let m = pb::MembershipEvent {
+        room_id: room.to_string(),
+        user: user.to_string(),
+        change: change as i32,
+        by: by.to_string(),
+        role: match role {
+            Role::Admin => pb::Role::Admin as i32,
+            Role::Member => pb::Role::Member as i32,
+        },
+    };
+    ctx.hub.publish_live(
+        room,
+        Arc::new(pb::Event { cursor: String::new(), kind: Some(pb::event::Kind::Membership(m)) }),
+    );
+}
+
+/// Announces presence that timed out and typing marks that expired.
+async fn expiry(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
+    use crate::replication::presence::Status;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        for (user, last_seen) in ctx.presence.expire() {
+            api::presence_announce(&ctx, &user, Status::Offline, last_seen);
+        }
+        for (room, user) in ctx.presence.expire_typing() {
+            api::typing_announce(&ctx, &room, &user, false);
+        }
+    }
 }

@@ -1,1 +1,399 @@
-//! (being written)
+//! The client API: tonic services, one file per area, the HTTP gateway, auth, and the
+//! single error -> status mapping.
+//!
+//! - `users.rs`: CreateUser, WhoAmI
+//! - `rooms.rs`: CreateRoom, ListRooms, GetRoom, DeleteRoom
+//! - `members.rs`: JoinRoom, LeaveRoom, ListMembers, Moderate
+//! - `messages.rs`: SendMessage, EditMessage, DeleteMessage, React, SendDirect, History
+//! - `subscribe.rs`: Subscribe (replay from a cursor, then live)
+//! - `presence.rs`: SetPresence, GetPresence, SetTyping, MarkRead, GetReceipts
+//! - `http.rs`: `/healthz`, `/metrics`
+//!
+//! This layer checks who may do what (auth, membership, bans) before it calls into
+//! consensus or replication; those layers never see an unauthenticated request.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures::Stream;
+use parley_proto::v1 as pb;
+use parley_proto::v1::chat_server::Chat;
+use tonic::{Request, Response, Status};
+
+use crate::clock::Hlc;
+use crate::consensus::state::{MemberRecord, RoomRecord, State};
+use crate::consensus::Groups;
+use crate::delivery::Hub;
+use crate::ids::{validate_room_name, MessageId, NodeId, RoomId, UserId};
+use crate::placement::Placement;
+use crate::replication::markers::Markers;
+use crate::replication::presence::Presence;
+use crate::replication::Timelines;
+
+pub mod auth;
+pub mod error;
+pub mod http;
+mod members;
+mod messages;
+mod presence;
+mod rooms;
+mod subscribe;
+mod users;
+
+pub use error::{ApiError, ApiResult};
+pub use presence::{announce_presence as presence_announce, announce_typing as typing_announce};
+
+/// Largest message text, in bytes.
+pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+
+/// Counters exported on `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub messages_sent: AtomicU64,
+    pub messages_duplicate: AtomicU64,
+    pub requests_failed: AtomicU64,
+    pub raft_writes: AtomicU64,
+    pub subscriptions_opened: AtomicU64,
+}
+
+impl Metrics {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Everything a request handler may use. Shared by every service of one node.
+pub struct Ctx {
+    pub node: NodeId,
+    pub groups: Groups,
+    pub timelines: Timelines,
+    pub hub: Hub,
+    pub presence: Presence,
+    pub markers: Markers,
+    pub placement: Placement,
+    pub hlc: Arc<Hlc>,
+    /// Cluster default write quorum, before clamping to the replica count.
+    pub write_quorum: u8,
+    /// Replicas per partition (1 on a single node).
+    pub replicas: u8,
+    pub metrics: Metrics,
+    pub db: crate::store::Db,
+}
+
+impl Ctx {
+    /// Finds a room by id or name, from the local replica or linearizably.
+    pub async fn resolve_room(&self, room: &str, strong: bool) -> ApiResult<RoomRecord> {
+        let room = room.trim();
+        let (p, find): (_, Box<dyn Fn(&State) -> Option<RoomRecord> + Send>) = if RoomId::looks_like_id(room) {
+            let id = RoomId::parse(room)?;
+            (self.placement.of_room(&id), Box::new(move |s: &State| s.room(&id).cloned()))
+        } else {
+            validate_room_name(room)?;
+            let name = room.to_owned();
+            (self.placement.of_room_name(room), Box::new(move |s: &State| s.room_by_name(&name).cloned()))
+        };
+        let found = if strong {
+            self.groups.read_strong(p, find).await?
+        } else {
+            self.groups.read(p, find)
+        };
+        found.ok_or_else(|| ApiError::NotFound(format!("room {room} not found")))
+    }
+
+    /// The caller's membership of a room, or PERMISSION_DENIED saying why not.
+    pub fn require_member(&self, room: &RoomRecord, user: &UserId) -> ApiResult<MemberRecord> {
+        let p = self.placement.of_room(&room.id);
+        let (member, banned) = self
+            .groups
+            .read(p, |s| (s.member(&room.id, user).cloned(), s.is_banned(&room.id, user)));
+        match (member, banned) {
+            (Some(m), _) => Ok(m),
+            (None, true) => Err(ApiError::PermissionDenied(format!("you are banned from {}", room.name))),
+            (None, false) => Err(ApiError::PermissionDenied(format!("you are not a member of {}", room.name))),
+        }
+    }
+
+    /// Whether a user exists (local read of the user's partition).
+    pub fn user_exists(&self, user: &UserId) -> bool {
+        self.groups.read(self.placement.of_user(user), |s| s.users.contains_key(user))
+    }
+
+    /// Parses a user name and checks the user exists.
+    pub fn existing_user(&self, name: &str) -> ApiResult<UserId> {
+        let u = UserId::parse(name.trim())?;
+        if !self.user_exists(&u) {
+            return Err(ApiError::NotFound(format!("user {u} not found")));
+        }
+        Ok(u)
+    }
+
+    /// Every room `user` is a member of (scans each partition's local state).
+    pub fn rooms_of(&self, user: &UserId) -> Vec<RoomRecord> {
+        let mut out = Vec::new();
+        for p in self.placement.all() {
+            self.groups.read(p, |s| {
+                for (id, members) in &s.members {
+                    if members.contains_key(user) {
+                        if let Some(r) = s.room(id) {
+                            out.push(r.clone());
+                        }
+                    }
+                }
+            });
+        }
+        out
+    }
+
+    /// The room as the API shows it to `viewer`.
+    pub fn room_view(&self, room: &RoomRecord, viewer: &UserId) -> pb::Room {
+        let p = self.placement.of_room(&room.id);
+        let (count, joined) = self
+            .groups
+            .read(p, |s| (s.member_count(&room.id), s.member(&room.id, viewer).is_some()));
+        pb::Room {
+            id: room.id.to_string(),
+            name: room.name.clone(),
+            kind: match room.kind {
+                crate::consensus::state::RoomKind::Group => pb::RoomKind::Group as i32,
+                crate::consensus::state::RoomKind::Direct => pb::RoomKind::Direct as i32,
+            },
+            creator: room.creator.to_string(),
+            created_at: room.created_at as i64,
+            member_count: count as u32,
+            write_quorum: room.settings.write_quorum.map_or(0, u32::from),
+            joined,
+            mega: count as u64 >= u64::from(room.settings.mega_threshold),
+        }
+    }
+}
+
+/// Checks message text: valid UTF-8, not blank, at most [`MAX_TEXT_BYTES`].
+pub fn validate_text(text: Vec<u8>) -> ApiResult<String> {
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(ApiError::Invalid(format!(
+            "message is {} bytes; the limit is {MAX_TEXT_BYTES}",
+            text.len()
+        )));
+    }
+    let s = String::from_utf8(text).map_err(|e| {
+        ApiError::Invalid(format!("text is not valid UTF-8 (bad byte at offset {})", e.utf8_error().valid_up_to()))
+    })?;
+    if s.trim().is_empty() {
+        return Err(ApiError::Invalid("text is empty".into()));
+    }
+    Ok(s)
+}
+
+/// Parses an optional message id argument ("" = none).
+pub fn opt_message_id(s: &str, what: &str) -> ApiResult<Option<MessageId>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|e| ApiError::Invalid(format!("{what}: {e}")))
+}
+
+/// Parses a required message id argument.
+pub fn message_id(s: &str) -> ApiResult<MessageId> {
+    opt_message_id(s, "message id")?.ok_or_else(|| ApiError::Invalid("message id is required".into()))
+}
+
+/// The gRPC `parley.v1.Chat` service.
+#[derive(Clone)]
+pub struct ChatService {
+    ctx: Arc<Ctx>,
+}
+
+impl ChatService {
+    pub fn new(ctx: Arc<Ctx>) -> Self {
+        Self { ctx }
+    }
+}
+
+fn answer<T>(ctx: &Ctx, r: ApiResult<T>) -> Result<Response<T>, Status> {
+    match r {
+        Ok(v) => Ok(Response::new(v)),
+        Err(e) => {
+            Metrics::inc(&ctx.metrics.requests_failed);
+            Err(e.into())
+        }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Chat for ChatService {
+    async fn create_user(&self, req: Request<pb::CreateUserRequest>) -> Result<Response<pb::CreateUserResponse>, Status> {
+        answer(&self.ctx, users::create(&self.ctx, req.into_inner()).await)
+    }
+
+    async fn who_am_i(&self, req: Request<pb::WhoAmIRequest>) -> Result<Response<pb::User>, Status> {
+        let r = auth::authenticate(&self.ctx, req.metadata()).and_then(|u| users::who_am_i(&self.ctx, &u));
+        answer(&self.ctx, r)
+    }
+
+    async fn create_room(&self, req: Request<pb::CreateRoomRequest>) -> Result<Response<pb::Room>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => rooms::create(&self.ctx, &u, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+
+    async fn list_rooms(&self, req: Request<pb::ListRoomsRequest>) -> Result<Response<pb::ListRoomsResponse>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => rooms::list(&self.ctx, &u, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+
+    async fn get_room(&self, req: Request<pb::GetRoomRequest>) -> Result<Response<pb::Room>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => rooms::get(&self.ctx, &u, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+
+    async fn delete_room(&self, req: Request<pb::DeleteRoomRequest>) -> Result<Response<pb::DeleteRoomResponse>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => rooms::delete(&self.ctx, &u, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+
+    async fn join_room(&self, req: Request<pb::JoinRoomRequest>) -> Result<Response<pb::Room>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => members::join(&self.ctx, &u, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+
+    async fn leave_room(&self, req: Request<pb::LeaveRoomRequest>) -> Result<Response<pb::LeaveRoomResponse>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => members::leave(&self.ctx, &u, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+
+    async fn list_members(&self, req: Request<pb::ListMembersRequest>) -> Result<Response<pb::ListMembersResponse>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => members::list(&self.ctx, &u, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+
+    async fn moderate(&self, req: Request<pb::ModerateRequest>) -> Result<Response<pb::ModerateResponse>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => members::moderate(&self.ctx, &u, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+
+    async fn send_message(&self, req: Request<pb::SendMessageRequest>) -> Result<Response<pb::SendMessageResponse>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => messages::send(&self.ctx, &u, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+
+    async fn edit_message(&self, req: Request<pb::EditMessageRequest>) -> Result<Response<pb::SendMessageResponse>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => messages::edit(&self.ctx, &u, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+
+    async fn delete_message(&self, req: Request<pb::DeleteMessageRequest>) -> Result<Response<pb::SendMessageResponse>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => messages::delete(&self.ctx, &u, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+
+    async fn react(&self, req: Request<pb::ReactRequest>) -> Result<Response<pb::SendMessageResponse>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => messages::react(&self.ctx, &u, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+
+    async fn send_direct(&self, req: Request<pb::SendDirectRequest>) -> Result<Response<pb::SendMessageResponse>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => messages::send_direct(&self.ctx, &u, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+
+    async fn history(&self, req: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => messages::history(&self.ctx, &u, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+
+    type SubscribeStream = EventStream;
+
+    async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => subscribe::subscribe(self.ctx.clone(), u, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+
+    async fn set_presence(&self, req: Request<pb::SetPresenceRequest>) -> Result<Response<pb::SetPresenceResponse>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => presence::set(&self.ctx, &u, req.into_inner()),
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+
+    async fn get_presence(&self, req: Request<pb::GetPresenceRequest>) -> Result<Response<pb::GetPresenceResponse>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => presence::get(&self.ctx, &u, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+
+    async fn set_typing(&self, req: Request<pb::SetTypingRequest>) -> Result<Response<pb::SetTypingResponse>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => presence::typing(&self.ctx, &u, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+
+    async fn mark_read(&self, req: Request<pb::MarkReadRequest>) -> Result<Response<pb::MarkReadResponse>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => presence::mark_read(&self.ctx, &u, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+
+    async fn get_receipts(&self, req: Request<pb::GetReceiptsRequest>) -> Result<Response<pb::GetReceiptsResponse>, Status> {
+        let r = match auth::authenticate(&self.ctx, req.metadata()) {
+            Ok(u) => presence::receipts(&self.ctx, &u, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        answer(&self.ctx, r)
+    }
+}

@@ -279,7 +279,7 @@ mod tests {
         assert!(db.stats().flushes.load(std::sync::atomic::Ordering::Relaxed) <= 32);
         assert_eq!(t.scan_prefix([1])?.len(), 10);
         assert_eq!(t.range([1u8, 3]..[1u8, 6], 100)?.len(), 3);
-        assert_eq!(t.range_rev([1u8, 0]..[2u8], 2)?[0].0, vec![1, 9]);
+        assert_eq!(t.range_rev([1u8, 0]..[2u8, 0], 2)?[0].0, vec![1, 9]);
         assert_eq!(t.last_with_prefix([1])?.map(|kv| kv.1), Some(vec![9]));
         assert_eq!(t.remove_range([1u8, 0]..[1u8, 5])?, 5);
         assert_eq!(t.scan_prefix([1])?.len(), 5);

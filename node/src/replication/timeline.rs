@@ -1,0 +1,746 @@
+//! Room timelines: automerge chunk documents, the history index, and the commit
+//! pipeline that makes a write durable before it is acknowledged or delivered.
+//!
+//! A room's timeline is a sequence of chunks. A chunk is one automerge document whose
+//! root map holds one entry per timeline entry: key = the entry's [`MessageId`] (32 hex
+//! digits), value = the protobuf bytes of a `TimelineEntry` (message, edit, delete or
+//! reaction). The open chunk lives in memory; when it holds `max_entries` entries or
+//! `max_bytes` bytes it is sealed (saved whole) and leaves memory.
+//!
+//! Keys in the `timeline` tree (a room id is always 19 bytes, ids 16, so keys need no
+//! separators; one tree so that a write and its index entries are one atomic batch):
+//! - `h room` -> open chunk number (u32 BE)
+//! - `s room chunk` -> the chunk saved whole (compacted or sealed)
+//! - `c room chunk seq` -> an incremental automerge change not yet compacted
+//! - `e room id` -> the entry's protobuf bytes (resume/replay index)
+//! - `m room id` -> the message's current state, a `parley.v1.Message` (history index)
+//! - `k room sender 0 client_msg_id` -> the message id (idempotent retries)
+//!
+//! To stay correct:
+//! - Writes to a room are serialized by the room's lock; ids are assigned, written and
+//!   queued to the commit pipeline under it, so the pipeline sees each room's entries in
+//!   id order and publishes them in that order.
+//! - A write is acknowledged (and delivered) only after `Db::flush` returned after it.
+//! - Reads never show an entry above the room's durable watermark, so nothing a reader
+//!   saw can vanish in a crash.
+//! - The index is derived from the documents and written in the same batch; it is never
+//!   the source of truth for replication.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, ReadDoc, ScalarValue, ROOT};
+use parley_proto::v1::{
+    event, timeline_entry, DeleteEntry, EditEntry, Event, Message, MessageDeleted, MessageEdited,
+    Reaction, ReactionChanged, ReactionEntry, TimelineEntry,
+};
+use prost::Message as _;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::clock::Hlc;
+use crate::delivery::Hub;
+use crate::ids::{MessageId, RoomId, UserId};
+use crate::store::{Batch, Db, StoreError, Tree};
+
+/// Why a timeline operation was refused or failed. Nothing was written in any case.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TimelineError {
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error("{reason}")]
+    PermissionDenied { reason: String },
+    #[error("{reason}")]
+    Precondition { reason: String },
+    #[error("{reason}")]
+    Invalid { reason: String },
+    #[error(transparent)]
+    Storage(#[from] StoreError),
+}
+
+/// Chunk size limits (DESIGN §2: ~10,000 messages or ~4 MiB).
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkLimits {
+    pub max_entries: usize,
+    pub max_bytes: usize,
+    /// Incremental changes kept before the open chunk is compacted into one save.
+    pub compact_every: usize,
+}
+
+impl Default for ChunkLimits {
+    fn default() -> Self {
+        Self { max_entries: 10_000, max_bytes: 4 * 1024 * 1024, compact_every: 2_000 }
+    }
+}
+
+/// A new message to append.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub room: RoomId,
+    pub sender: UserId,
+    pub text: String,
+    /// Empty: no idempotency key.
+    pub client_msg_id: String,
+    /// The last id the client saw; the new id sorts after it.
+    pub after: Option<MessageId>,
+}
+
+/// The result of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub id: MessageId,
+    pub sent_at: u64,
+    /// The client message id matched an earlier send; nothing new was written.
+    pub duplicate: bool,
+}
+
+/// A history page request. At most one of `before`, `after`, `since` is used, in that order.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryQuery {
+    pub limit: usize,
+    pub before: Option<MessageId>,
+    pub after: Option<MessageId>,
+    pub since_ms: Option<u64>,
+}
+
+struct RoomDoc {
+    chunk: u32,
+    doc: AutoCommit,
+    entries: usize,
+    bytes: usize,
+    next_seq: u64,
+    since_compact: usize,
+}
+
+struct Commit {
+    room: RoomId,
+    events: Vec<(MessageId, Arc<Event>)>,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+type RoomSlot = Arc<tokio::sync::Mutex<Option<RoomDoc>>>;
+
+struct Inner {
+    db: Db,
+    tree: Tree,
+    hlc: Arc<Hlc>,
+    hub: Hub,
+    limits: ChunkLimits,
+    rooms: Mutex<HashMap<RoomId, RoomSlot>>,
+    commit_tx: mpsc::UnboundedSender<Commit>,
+}
+
+/// The timelines of every room this node replicates. Cheap to clone.
+#[derive(Clone)]
+pub struct Timelines {
+    inner: Arc<Inner>,
+}
+
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Timelines>();
+};
+
+fn key(tag: u8, room: &RoomId, rest: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + 19 + rest.iter().map(|r| r.len()).sum::<usize>());
+    k.push(tag);
+    k.extend_from_slice(room.as_str().as_bytes());
+    for r in rest {
+        k.extend_from_slice(r);
+    }
+    k
+}
+
+fn id_from_key(k: &[u8]) -> Option<MessageId> {
+    k.len().checked_sub(16).and_then(|s| MessageId::from_bytes(&k[s..]).ok())
+}
+
+impl Timelines {
+    /// Opens the timeline store and starts the commit pipeline. Needs a tokio runtime.
+    pub fn open(db: &Db, hlc: Arc<Hlc>, hub: Hub, limits: ChunkLimits) -> Result<Self, StoreError> {
+        let (commit_tx, commit_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            db: db.clone(),
+            tree: db.tree("timeline")?,
+            hlc,
+            hub: hub.clone(),
+            limits,
+            rooms: Mutex::new(HashMap::new()),
+            commit_tx,
+        });
+        tokio::spawn(commit_pipeline(db.clone(), hub, commit_rx));
+        Ok(Self { inner })
+    }
+
+    fn slot(&self, room: &RoomId) -> RoomSlot {
+        let mut rooms = self.inner.rooms.lock().unwrap_or_else(|p| p.into_inner());
+        rooms.entry(room.clone()).or_default().clone()
+    }
+
+    /// Makes sure the room's open chunk is in memory and its channel registered with the
+    /// hub (with the watermark read from disk), so subscribers can attach.
+    pub async fn ensure_loaded(&self, room: &RoomId) -> Result<(), TimelineError> {
+        if self.inner.hub.is_registered(room) {
+            return Ok(());
+        }
+        let slot = self.slot(room);
+        let mut g = slot.lock().await;
+        self.load_locked(room, &mut g)?;
+        Ok(())
+    }
+
+    fn load_locked<'a>(&self, room: &RoomId, g: &'a mut Option<RoomDoc>) -> Result<&'a mut RoomDoc, TimelineError> {
+        if g.is_none() {
+            *g = Some(self.load(room)?);
+        }
+        g.as_mut().ok_or_else(|| TimelineError::Storage(StoreError::Closed))
+    }
+
+    fn load(&self, room: &RoomId) -> Result<RoomDoc, TimelineError> {
+        let t = &self.inner.tree;
+        let chunk = match t.get(key(b'h', room, &[]))? {
+            Some(v) => {
+                let b: [u8; 4] = v.as_slice().try_into().map_err(|_| t.corrupt("chunk number"))?;
+                u32::from_be_bytes(b)
+            }
+            None => 0,
+        };
+        let cb = chunk.to_be_bytes();
+        let mut bytes = 0;
+        let mut doc = match t.get(key(b's', room, &[&cb]))? {
+            Some(full) => {
+                bytes += full.len();
+                AutoCommit::load(&full).map_err(|e| t.corrupt(format!("chunk {chunk} of {room}: {e}")))?
+            }
+            None => AutoCommit::new(),
+        };
+        let mut next_seq = 0;
+        let mut since_compact = 0;
+        for (k, change) in t.scan_prefix(key(b'c', room, &[&cb]))? {
+            doc.load_incremental(&change)
+                .map_err(|e| t.corrupt(format!("change of {room}: {e}")))?;
+            bytes += change.len();
+            since_compact += 1;
+            if let Some(seq) = k.len().checked_sub(8).and_then(|s| k[s..].try_into().ok()) {
+                next_seq = u64::from_be_bytes(seq) + 1;
+            }
+        }
+        // A fresh actor per load: a crash may have lost changes of the previous actor
+        // whose sequence numbers must never be reused for different changes.
+        doc.set_actor(automerge::ActorId::random());
+        let entries = doc.length(ROOT);
+        let durable = t
+            .last_with_prefix(key(b'e', room, &[]))?
+            .and_then(|(k, _)| id_from_key(&k))
+            .unwrap_or(MessageId::MIN);
+        if let Some((k, _)) = t.last_with_prefix(key(b'e', room, &[]))? {
+            if let Some(id) = id_from_key(&k) {
+                self.inner.hlc.observe(id);
+            }
+        }
+        self.inner.hub.register(room, durable);
+        Ok(RoomDoc { chunk, doc, entries, bytes, next_seq, since_compact })
+    }
+
+    /// Puts one entry into the open chunk and writes it with `batch` atomically, then
+    /// queues it for the flush. Called with the room lock held. Returns the receiver that
+    /// resolves once the entry is durable and published.
+    fn commit_entry(
+        &self,
+        room: &RoomId,
+        rd: &mut RoomDoc,
+        id: MessageId,
+        entry: &TimelineEntry,
+        mut batch: Batch,
+        event: Event,
+    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, TimelineError> {
+        let t = &self.inner.tree;
+        let bytes = entry.encode_to_vec();
+        rd.doc
+            .put(ROOT, id.to_string(), ScalarValue::Bytes(bytes.clone()))
+            .map_err(|e| TimelineError::Storage(StoreError::Io(format!("automerge put: {e}"))))?;
+        let change = rd.doc.save_incremental();
+        let cb = rd.chunk.to_be_bytes();
+        batch.insert(key(b'c', room, &[&cb, &rd.next_seq.to_be_bytes()]), &change);
+        batch.insert(key(b'e', room, &[&id.to_bytes()]), &bytes);
+        if let Err(e) = t.apply(batch) {
+            // Undo the in-memory put so memory and disk agree.
+            rd.doc.rollback();
+            *rd = self.load(room)?;
+            return Err(e.into());
+        }
+        rd.next_seq += 1;
+        rd.entries += 1;
+        rd.bytes += change.len();
+        rd.since_compact += 1;
+        if rd.entries >= self.inner.limits.max_entries || rd.bytes >= self.inner.limits.max_bytes {
+            self.seal(room, rd)?;
+        } else if rd.since_compact >= self.inner.limits.compact_every {
+            self.compact(room, rd)?;
+        }
+        let (done, rx) = oneshot::channel();
+        let commit = Commit { room: room.clone(), events: vec![(id, Arc::new(event))], done };
+        self.inner
+            .commit_tx
+            .send(commit)
+            .map_err(|_| TimelineError::Storage(StoreError::Closed))?;
+        Ok(rx)
+    }
+
+    /// Saves the open chunk whole and drops its incremental changes. The save is written
+    /// before the changes are removed; a crash in between only leaves duplicates, which
+    /// automerge ignores on load.
+    fn compact(&self, room: &RoomId, rd: &mut RoomDoc) -> Result<(), TimelineError> {
+        let t = &self.inner.tree;
+        let cb = rd.chunk.to_be_bytes();
+        let full = rd.doc.save();
+        t.insert(key(b's', room, &[&cb]), &full)?;
+        let lo = key(b'c', room, &[&cb]);
+        let hi = key(b'c', room, &[&cb, &[0xff; 9]]);
+        t.remove_range(lo..hi)?;
+        rd.since_compact = 0;
+        rd.bytes = full.len();
+        Ok(())
+    }
+
+    /// Seals the open chunk (saved whole, left alone from now on) and opens the next one.
+    fn seal(&self, room: &RoomId, rd: &mut RoomDoc) -> Result<(), TimelineError> {
+        self.compact(room, rd)?;
+        let next = rd.chunk + 1;
+        self.inner.tree.insert(key(b'h', room, &[]), next.to_be_bytes())?;
+        let mut doc = AutoCommit::new();
+        doc.set_actor(automerge::ActorId::random());
+        *rd = RoomDoc { chunk: next, doc, entries: 0, bytes: 0, next_seq: 0, since_compact: 0 };
+        tracing::debug!(room = %room, chunk = next, "sealed timeline chunk");
+        Ok(())
+    }
+
+    async fn wait_durable(rx: oneshot::Receiver<Result<(), StoreError>>) -> Result<(), TimelineError> {
+        rx.await.map_err(|_| TimelineError::Storage(StoreError::Closed))??;
+        Ok(())
+    }
+
+    /// Appends a message; returns once it is durable. A retry with the same
+    /// `client_msg_id` from the same sender returns the first id with `duplicate`.
+    pub async fn send(&self, m: NewMessage) -> Result<Appended, TimelineError> {
+        let slot = self.slot(&m.room);
+        let rx = {
+            let mut g = slot.lock().await;
+            let rd = self.load_locked(&m.room, &mut g)?;
+            let k_key = (!m.client_msg_id.is_empty()).then(|| {
+                let mut rest = m.sender.as_str().as_bytes().to_vec();
+                rest.push(0);
+                rest.extend_from_slice(m.client_msg_id.as_bytes());
+                key(b'k', &m.room, &[&rest])
+            });
+            if let Some(kk) = &k_key {
+                if let Some(v) = self.inner.tree.get(kk)? {
+                    let id = MessageId::from_bytes(&v).map_err(|e| self.inner.tree.corrupt(e.to_string()))?;
+                    drop(g);
+                    // The first send may still be in flight: answer only once it is durable.
+                    self.inner.db.flush().await?;
+                    return Ok(Appended { id, sent_at: id.physical_ms(), duplicate: true });
+                }
+            }
+            let id = self.inner.hlc.next(m.after);
+            let msg = Message {
+                id: id.to_string(),
+                room_id: m.room.to_string(),
+                sender: m.sender.to_string(),
+                text: m.text,
+                sent_at: id.physical_ms() as i64,
+                client_msg_id: m.client_msg_id,
+                ..Default::default()
+            };
+            let mut batch = Batch::default();
+            batch.insert(key(b'm', &m.room, &[&id.to_bytes()]), msg.encode_to_vec());
+            if let Some(kk) = &k_key {
+                batch.insert(kk, id.to_bytes());
+            }
+            let entry = TimelineEntry { kind: Some(timeline_entry::Kind::Message(msg.clone())) };
+            let event = Event { cursor: String::new(), kind: Some(event::Kind::Message(msg)) };
+            let rx = self.commit_entry(&m.room, rd, id, &entry, batch, event)?;
+            (rx, id)
+        };
+        let (rx, id) = rx;
+        Self::wait_durable(rx).await?;
+        Ok(Appended { id, sent_at: id.physical_ms(), duplicate: false })
+    }
+
+    fn read_message(&self, room: &RoomId, id: MessageId) -> Result<Option<Message>, TimelineError> {
+        let t = &self.inner.tree;
+        match t.get(key(b'm', room, &[&id.to_bytes()]))? {
+            Some(v) => Ok(Some(
+                Message::decode(v.as_slice()).map_err(|e| t.corrupt(format!("message {id}: {e}")))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Looks up one message (above-watermark entries are invisible).
+    pub fn get_message(&self, room: &RoomId, id: MessageId) -> Result<Option<Message>, TimelineError> {
+        if self.inner.hub.watermark(room).is_some_and(|w| id > w) {
+            return Ok(None);
+        }
+        self.read_message(room, id)
+    }
+
+    /// Writes an entry that changes an existing message: `change` checks the target and
+    /// returns the entry, the target's new state and the event; nothing is written if it
+    /// refuses.
+    async fn amend(
+        &self,
+        room: &RoomId,
+        target: MessageId,
+        change: impl FnOnce(&mut Message, MessageId) -> Result<(timeline_entry::Kind, event::Kind), TimelineError>,
+    ) -> Result<Appended, TimelineError> {
+        let slot = self.slot(room);
+        let (rx, id) = {
+            let mut g = slot.lock().await;
+            let rd = self.load_locked(room, &mut g)?;
+            let mut msg = self
+                .read_message(room, target)?
+                .ok_or_else(|| TimelineError::NotFound { what: format!("message {target}") })?;
+            let id = self.inner.hlc.next(Some(target));
+            let (entry_kind, event_kind) = change(&mut msg, id)?;
+            let mut batch = Batch::default();
+            batch.insert(key(b'm', room, &[&target.to_bytes()]), msg.encode_to_vec());
+            let entry = TimelineEntry { kind: Some(entry_kind) };
+            let event = Event { cursor: String::new(), kind: Some(event_kind) };
+            (self.commit_entry(room, rd, id, &entry, batch, event)?, id)
+        };
+        Self::wait_durable(rx).await?;
+        Ok(Appended { id, sent_at: id.physical_ms(), duplicate: false })
+    }
+
+    /// Edits the editor's own message (last writer wins by entry id).
+    pub async fn edit(&self, room: &RoomId, editor: &UserId, target: MessageId, text: String) -> Result<Appended, TimelineError> {
+        self.amend(room, target, |msg, id| {
+            if msg.sender != editor.as_str() {
+                return Err(TimelineError::PermissionDenied { reason: "you can only edit your own messages".into() });
+            }
+            if msg.deleted {
+                return Err(TimelineError::Precondition { reason: format!("message {target} is deleted") });
+            }
+            let at = id.physical_ms() as i64;
+            msg.text = text.clone();
+            msg.edited_at = at;
+            let entry = EditEntry { target: target.to_string(), text: text.clone(), editor: editor.to_string(), at };
+            let ev = MessageEdited {
+                room_id: room.to_string(),
+                message_id: target.to_string(),
+                text,
+                edited_at: at,
+                editor: editor.to_string(),
+            };
+            Ok((timeline_entry::Kind::Edit(entry), event::Kind::Edited(ev)))
+        })
+        .await
+    }
+
+    /// Deletes a message (its author, or a room admin): a tombstone; the text is dropped
+    /// from the history index.
+    pub async fn delete(&self, room: &RoomId, by: &UserId, is_admin: bool, target: MessageId) -> Result<Appended, TimelineError> {
+        self.amend(room, target, |msg, id| {
+            if msg.sender != by.as_str() && !is_admin {
+                return Err(TimelineError::PermissionDenied {
+                    reason: "only the author or a room admin can delete a message".into(),
+                });
+            }
+            if msg.deleted {
+                return Err(TimelineError::Precondition { reason: format!("message {target} is already deleted") });
+            }
+            msg.deleted = true;
+            msg.text.clear();
+            msg.reactions.clear();
+            let entry = DeleteEntry { target: target.to_string(), by: by.to_string(), at: id.physical_ms() as i64 };
+            let ev = MessageDeleted { room_id: room.to_string(), message_id: target.to_string(), deleted_by: by.to_string() };
+            Ok((timeline_entry::Kind::Delete(entry), event::Kind::Deleted(ev)))
+        })
+        .await
+    }
+
+    /// Adds or removes the user's reaction to a message.
+    pub async fn react(&self, room: &RoomId, user: &UserId, target: MessageId, emoji: String, remove: bool) -> Result<Appended, TimelineError> {
+        self.amend(room, target, |msg, id| {
+            if msg.deleted {
+                return Err(TimelineError::Precondition { reason: format!("message {target} is deleted") });
+            }
+            let pos = msg.reactions.iter().position(|r| r.emoji == emoji);
+            match (pos, remove) {
+                (Some(i), true) => {
+                    msg.reactions[i].users.retain(|u| u != user.as_str());
+                    if msg.reactions[i].users.is_empty() {
+                        msg.reactions.remove(i);
+                    }
+                }
+                (None, true) => {}
+                (Some(i), false) => {
+                    if !msg.reactions[i].users.iter().any(|u| u == user.as_str()) {
+                        msg.reactions[i].users.push(user.to_string());
+                    }
+                }
+                (None, false) => msg.reactions.push(Reaction { emoji: emoji.clone(), users: vec![user.to_string()] }),
+            }
+            let entry = ReactionEntry {
+                target: target.to_string(),
+                user: user.to_string(),
+                emoji: emoji.clone(),
+                remove,
+                at: id.physical_ms() as i64,
+            };
+            let ev = ReactionChanged {
+                room_id: room.to_string(),
+                message_id: target.to_string(),
+                user: user.to_string(),
+                emoji,
+                removed: remove,
+            };
+            Ok((timeline_entry::Kind::Reaction(entry), event::Kind::Reaction(ev)))
+        })
+        .await
+    }
+
+    fn upper(&self, room: &RoomId) -> MessageId {
+        self.inner.hub.watermark(room).unwrap_or(MessageId(u128::MAX))
+    }
+
+    /// A page of history, oldest first, and whether more exist in the direction asked.
+    pub fn history(&self, room: &RoomId, q: &HistoryQuery) -> Result<(Vec<Message>, bool), TimelineError> {
+        let t = &self.inner.tree;
+        let limit = q.limit.clamp(1, 1000);
+        let upper = self.upper(room);
+        let hi = key(b'm', room, &[&upper.to_bytes()]);
+        let lo_all = key(b'm', room, &[]);
+        let rows = if let Some(before) = q.before {
+            let end = key(b'm', room, &[&before.min(MessageId(upper.0.saturating_add(1))).to_bytes()]);
+            let mut rows = t.range_rev(lo_all..end, limit + 1)?;
+            rows.reverse();
+            rows
+        } else if let Some(after) = q.after.or(q.since_ms.map(|ms| MessageId(MessageId::floor_of_ms(ms).0.saturating_sub(1)))) {
+            let start = key(b'm', room, &[&after.to_bytes()]);
+            let rows = t.range((std::ops::Bound::Excluded(start), std::ops::Bound::Included(hi)), limit + 1)?;
+            rows
+        } else {
+            let mut rows = t.range_rev(lo_all..=hi, limit + 1)?;
+            rows.reverse();
+            rows
+        };
+        let more = rows.len() > limit;
+        let rows: Vec<_> = if more {
+            if q.before.is_some() || (q.after.is_none() && q.since_ms.is_none()) {
+                rows[1..].to_vec()
+            } else {
+                rows[..limit].to_vec()
+            }
+        } else {
+            rows
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for (_, v) in rows {
+            out.push(Message::decode(v.as_slice()).map_err(|e| t.corrupt(format!("message: {e}")))?);
+        }
+        Ok((out, more))
+    }
+
+    /// Durable timeline entries of a room with `after < id <= upto`, as events, at most `limit`.
+    pub fn replay(&self, room: &RoomId, after: MessageId, upto: MessageId, limit: usize) -> Result<Vec<(MessageId, Event)>, TimelineError> {
+        let t = &self.inner.tree;
+        if upto <= after {
+            return Ok(Vec::new());
+        }
+        let start = key(b'e', room, &[&after.to_bytes()]);
+        let end = key(b'e', room, &[&upto.to_bytes()]);
+        let rows = t.range((std::ops::Bound::Excluded(start), std::ops::Bound::Included(end)), limit)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (k, v) in rows {
+            let id = id_from_key(&k).ok_or_else(|| t.corrupt("entry key"))?;
+            let entry = TimelineEntry::decode(v.as_slice()).map_err(|e| t.corrupt(format!("entry {id}: {e}")))?;
+            if let Some(ev) = entry_event(room, entry) {
+                out.push((id, ev));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets a deleted room: its documents, index and channel.
+    pub async fn purge_room(&self, room: &RoomId) -> Result<(), TimelineError> {
+        let slot = self.slot(room);
+        let mut g = slot.lock().await;
+        *g = None;
+        for tag in [b'h', b's', b'c', b'e', b'm', b'k'] {
+            let lo = key(tag, room, &[]);
+            let mut hi = lo.clone();
+            hi.push(0xff);
+            self.inner.tree.remove_range(lo..hi)?;
+        }
+        self.inner.hub.remove(room);
+        drop(g);
+        let mut rooms = self.inner.rooms.lock().unwrap_or_else(|p| p.into_inner());
+        rooms.remove(room);
+        Ok(())
+    }
+
+    /// Open chunks held in memory, for metrics.
+    pub fn rooms_in_memory(&self) -> usize {
+        let rooms = self.inner.rooms.lock().unwrap_or_else(|p| p.into_inner());
+        rooms.len()
+    }
+}
+
+/// The subscriber-facing event of a stored entry.
+fn entry_event(room: &RoomId, entry: TimelineEntry) -> Option<Event> {
+    let kind = match entry.kind? {
+        timeline_entry::Kind::Message(m) => event::Kind::Message(m),
+        timeline_entry::Kind::Edit(e) => event::Kind::Edited(MessageEdited {
+            room_id: room.to_string(),
+            message_id: e.target,
+            text: e.text,
+            edited_at: e.at,
+            editor: e.editor,
+        }),
+        timeline_entry::Kind::Delete(d) => event::Kind::Deleted(MessageDeleted {
+            room_id: room.to_string(),
+            message_id: d.target,
+            deleted_by: d.by,
+        }),
+        timeline_entry::Kind::Reaction(r) => event::Kind::Reaction(ReactionChanged {
+            room_id: room.to_string(),
+            message_id: r.target,
+            user: r.user,
+            emoji: r.emoji,
+            removed: r.remove,
+        }),
+    };
+    Some(Event { cursor: String::new(), kind: Some(kind) })
+}
+
+/// Takes every queued commit, flushes once, then publishes and acknowledges them in
+/// queue order (which is id order per room).
+async fn commit_pipeline(db: Db, hub: Hub, mut rx: mpsc::UnboundedReceiver<Commit>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let res = db.flush().await;
+        if let Err(e) = &res {
+            tracing::error!(error = %e, "timeline flush failed; sends are refused");
+        }
+        for c in batch {
+            if res.is_ok() {
+                hub.publish_timeline(&c.room, c.events);
+            }
+            let _ = c.done.send(res.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn room(n: u64) -> RoomId {
+        RoomId::parse(&format!("rm_{n:016x}")).unwrap()
+    }
+
+    fn user(s: &str) -> UserId {
+        UserId::parse(s).unwrap()
+    }
+
+    async fn open(dir: &std::path::Path, limits: ChunkLimits) -> (Db, Timelines, Hub) {
+        let db = Db::open(dir).unwrap();
+        let hub = Hub::new();
+        let tl = Timelines::open(&db, Arc::new(Hlc::new(1, 0)), hub.clone(), limits).unwrap();
+        (db, tl, hub)
+    }
+
+    fn msg(r: &RoomId, text: &str, cid: &str) -> NewMessage {
+        NewMessage { room: r.clone(), sender: user("alice"), text: text.into(), client_msg_id: cid.into(), after: None }
+    }
+
+    #[tokio::test]
+    async fn send_history_and_idempotent_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, tl, _hub) = open(dir.path(), ChunkLimits::default()).await;
+        let r = room(1);
+        let a = tl.send(msg(&r, "one", "c1")).await.unwrap();
+        let b = tl.send(msg(&r, "two", "c2")).await.unwrap();
+        let again = tl.send(msg(&r, "one (retry)", "c1")).await.unwrap();
+        assert!(b.id > a.id);
+        assert!(again.duplicate);
+        assert_eq!(again.id, a.id);
+        let (page, more) = tl.history(&r, &HistoryQuery { limit: 10, ..Default::default() }).unwrap();
+        assert!(!more);
+        assert_eq!(page.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["one", "two"]);
+        let (page, more) = tl.history(&r, &HistoryQuery { limit: 1, ..Default::default() }).unwrap();
+        assert!(more);
+        assert_eq!(page[0].text, "two");
+        let (page, _) = tl.history(&r, &HistoryQuery { limit: 10, before: Some(b.id), ..Default::default() }).unwrap();
+        assert_eq!(page.len(), 1);
+        let (page, _) = tl.history(&r, &HistoryQuery { limit: 10, after: Some(a.id), ..Default::default() }).unwrap();
+        assert_eq!(page[0].text, "two");
+        let (page, _) = tl.history(&r, &HistoryQuery { limit: 10, since_ms: Some(a.sent_at), ..Default::default() }).unwrap();
+        assert_eq!(page.len(), 2);
+        let (page, _) = tl
+            .history(&r, &HistoryQuery { limit: 10, since_ms: Some(b.sent_at + 60_000), ..Default::default() })
+            .unwrap();
+        assert!(page.is_empty());
+    }
+
+    #[tokio::test]
+    async fn edits_deletes_reactions_and_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, tl, _hub) = open(dir.path(), ChunkLimits::default()).await;
+        let r = room(2);
+        let a = tl.send(msg(&r, "hello", "")).await.unwrap();
+        let err = tl.edit(&r, &user("bob"), a.id, "hijack".into()).await.unwrap_err();
+        assert!(matches!(err, TimelineError::PermissionDenied { .. }));
+        tl.edit(&r, &user("alice"), a.id, "hello!".into()).await.unwrap();
+        tl.react(&r, &user("bob"), a.id, "👍".into(), false).await.unwrap();
+        tl.react(&r, &user("carol"), a.id, "👍".into(), false).await.unwrap();
+        tl.react(&r, &user("bob"), a.id, "👍".into(), true).await.unwrap();
+        let m = tl.get_message(&r, a.id).unwrap().unwrap();
+        assert_eq!(m.text, "hello!");
+        assert!(m.edited_at > 0);
+        assert_eq!(m.reactions[0].users, vec!["carol".to_string()]);
+        assert!(tl.delete(&r, &user("bob"), false, a.id).await.is_err());
+        tl.delete(&r, &user("bob"), true, a.id).await.unwrap();
+        let m = tl.get_message(&r, a.id).unwrap().unwrap();
+        assert!(m.deleted && m.text.is_empty());
+        let all = tl.replay(&r, MessageId::MIN, MessageId(u128::MAX), 100).unwrap();
+        assert_eq!(all.len(), 6, "message, edit, 3 reactions, delete");
+        assert!(all.windows(2).all(|w| w[0].0 < w[1].0));
+        let after_first = tl.replay(&r, all[0].0, MessageId(u128::MAX), 100).unwrap();
+        assert_eq!(after_first.len(), 5);
+        assert!(tl.edit(&r, &user("alice"), MessageId(7), "x".into()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn chunks_seal_and_everything_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = ChunkLimits { max_entries: 25, max_bytes: 1 << 20, compact_every: 7 };
+        let r = room(3);
+        let mut ids = Vec::new();
+        {
+            let (db, tl, _hub) = open(dir.path(), limits).await;
+            for i in 0..60 {
+                ids.push(tl.send(msg(&r, &format!("m{i}"), &format!("c{i}"))).await.unwrap().id);
+            }
+            db.flush().await.unwrap();
+        }
+        // sled allows one opener per directory; wait for the previous handle to close.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let (_db, tl, hub) = open(dir.path(), limits).await;
+        let (page, _) = tl.history(&r, &HistoryQuery { limit: 100, ..Default::default() }).unwrap();
+        assert_eq!(page.iter().map(|m| m.id.clone()).collect::<Vec<_>>(), ids.iter().map(|i| i.to_string()).collect::<Vec<_>>());
+        let next = tl.send(msg(&r, "after restart", "")).await.unwrap();
+        assert!(next.id > *ids.last().unwrap(), "ids keep increasing across restarts");
+        let dup = tl.send(msg(&r, "m3 again", "c3")).await.unwrap();
+        assert!(dup.duplicate && dup.id == ids[3]);
+        assert_eq!(hub.watermark(&r), Some(next.id));
+    }
+}
