@@ -22,7 +22,10 @@ fn hash_secret(secret_hex: &str) -> [u8; 32] {
 
 /// Constant-time comparison, so response timing does not leak how much of a hash matched.
 fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// Splits a token into its user and secret; `None` if malformed.
@@ -36,9 +39,9 @@ pub fn parse_token(token: &str) -> Option<(UserId, &str)> {
 
 /// The user a request's `authorization: Bearer <token>` belongs to.
 pub fn authenticate(ctx: &Ctx, md: &MetadataMap) -> ApiResult<UserId> {
-    let raw = md
-        .get("authorization")
-        .ok_or_else(|| ApiError::Unauthenticated("missing token: pass `authorization: Bearer <token>`".into()))?;
+    let raw = md.get("authorization").ok_or_else(|| {
+        ApiError::Unauthenticated("missing token: pass `authorization: Bearer <token>`".into())
+    })?;
     let raw = raw
         .to_str()
         .map_err(|_| ApiError::Unauthenticated("malformed authorization header".into()))?;
@@ -47,9 +50,11 @@ pub fn authenticate(ctx: &Ctx, md: &MetadataMap) -> ApiResult<UserId> {
         parse_token(token).ok_or_else(|| ApiError::Unauthenticated("malformed token".into()))?;
     let p = ctx.placement.of_user(&user);
     let hash = hash_secret(secret);
-    let ok = ctx
-        .groups
-        .read(p, |s| s.users.get(&user).is_some_and(|u| same(&u.token_hash, &hash)));
+    let ok = ctx.groups.read(p, |s| {
+        s.users
+            .get(&user)
+            .is_some_and(|u| same(&u.token_hash, &hash))
+    });
     if ok {
         Ok(user)
     } else {

@@ -60,9 +60,9 @@ impl From<CommandError> for ApiError {
         match e {
             CommandError::NotFound { .. } => ApiError::NotFound(text),
             CommandError::AlreadyExists { .. } => ApiError::AlreadyExists(text),
-            CommandError::NotMember { .. } | CommandError::NotAdmin { .. } | CommandError::Banned { .. } => {
-                ApiError::PermissionDenied(text)
-            }
+            CommandError::NotMember { .. }
+            | CommandError::NotAdmin { .. }
+            | CommandError::Banned { .. } => ApiError::PermissionDenied(text),
             CommandError::Precondition { .. } => ApiError::Precondition(text),
             CommandError::Invalid { .. } => ApiError::Invalid(text),
         }

@@ -8,30 +8,55 @@ use crate::consensus::state::{Command, Role};
 use crate::ids::UserId;
 
 /// `JoinRoom`: joins a group room (not when banned).
-pub(super) async fn join(ctx: &Ctx, user: &UserId, req: pb::JoinRoomRequest) -> ApiResult<pb::Room> {
+pub(super) async fn join(
+    ctx: &Ctx,
+    user: &UserId,
+    req: pb::JoinRoomRequest,
+) -> ApiResult<pb::Room> {
     let room = ctx.resolve_room(&req.room, false).await?;
     let p = ctx.placement.of_room(&room.id);
     let at = ctx.hlc.wall_ms();
     Metrics::inc(&ctx.metrics.raft_writes);
     ctx.groups
-        .write(p, Command::Join { room: room.id.clone(), user: user.clone(), at })
+        .write(
+            p,
+            Command::Join {
+                room: room.id.clone(),
+                user: user.clone(),
+                at,
+            },
+        )
         .await??;
     Ok(ctx.room_view(&room, user))
 }
 
 /// `LeaveRoom`.
-pub(super) async fn leave(ctx: &Ctx, user: &UserId, req: pb::LeaveRoomRequest) -> ApiResult<pb::LeaveRoomResponse> {
+pub(super) async fn leave(
+    ctx: &Ctx,
+    user: &UserId,
+    req: pb::LeaveRoomRequest,
+) -> ApiResult<pb::LeaveRoomResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
     let p = ctx.placement.of_room(&room.id);
     Metrics::inc(&ctx.metrics.raft_writes);
     ctx.groups
-        .write(p, Command::Leave { room: room.id.clone(), user: user.clone() })
+        .write(
+            p,
+            Command::Leave {
+                room: room.id.clone(),
+                user: user.clone(),
+            },
+        )
         .await??;
     Ok(pb::LeaveRoomResponse {})
 }
 
 /// `ListMembers`: members (with roles) and bans; members of the room only.
-pub(super) async fn list(ctx: &Ctx, user: &UserId, req: pb::ListMembersRequest) -> ApiResult<pb::ListMembersResponse> {
+pub(super) async fn list(
+    ctx: &Ctx,
+    user: &UserId,
+    req: pb::ListMembersRequest,
+) -> ApiResult<pb::ListMembersResponse> {
     let strong = req.consistency == pb::Consistency::Strong as i32;
     let room = ctx.resolve_room(&req.room, strong).await?;
     let p = ctx.placement.of_room(&room.id);
@@ -59,7 +84,11 @@ pub(super) async fn list(ctx: &Ctx, user: &UserId, req: pb::ListMembersRequest) 
         let is_member = s.member(&id, user).is_some();
         (members, banned, is_member)
     };
-    let (members, banned, is_member) = if strong { ctx.groups.read_strong(p, read).await? } else { ctx.groups.read(p, read) };
+    let (members, banned, is_member) = if strong {
+        ctx.groups.read_strong(p, read).await?
+    } else {
+        ctx.groups.read(p, read)
+    };
     if !is_member {
         ctx.require_member(&room, user)?;
     }
@@ -74,7 +103,11 @@ pub(super) fn role_pb(r: Role) -> pb::Role {
 }
 
 /// `Moderate`: invite (any member), kick, ban, unban, set role (admins).
-pub(super) async fn moderate(ctx: &Ctx, by: &UserId, req: pb::ModerateRequest) -> ApiResult<pb::ModerateResponse> {
+pub(super) async fn moderate(
+    ctx: &Ctx,
+    by: &UserId,
+    req: pb::ModerateRequest,
+) -> ApiResult<pb::ModerateResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
     let action = pb::ModerateAction::try_from(req.action)
         .map_err(|_| ApiError::Invalid(format!("unknown moderation action {}", req.action)))?;
@@ -85,21 +118,48 @@ pub(super) async fn moderate(ctx: &Ctx, by: &UserId, req: pb::ModerateRequest) -
     };
     let (room_id, by, at) = (room.id.clone(), by.clone(), ctx.hlc.wall_ms());
     let cmd = match action {
-        pb::ModerateAction::ModerateUnspecified => return Err(ApiError::Invalid("moderation action is required".into())),
-        pb::ModerateAction::ModerateInvite => Command::Invite { room: room_id, by, user: target, at },
-        pb::ModerateAction::ModerateKick => Command::Kick { room: room_id, by, user: target },
-        pb::ModerateAction::ModerateBan => Command::Ban { room: room_id, by, user: target, at },
-        pb::ModerateAction::ModerateUnban => Command::Unban { room: room_id, by, user: target },
+        pb::ModerateAction::ModerateUnspecified => {
+            return Err(ApiError::Invalid("moderation action is required".into()))
+        }
+        pb::ModerateAction::ModerateInvite => Command::Invite {
+            room: room_id,
+            by,
+            user: target,
+            at,
+        },
+        pb::ModerateAction::ModerateKick => Command::Kick {
+            room: room_id,
+            by,
+            user: target,
+        },
+        pb::ModerateAction::ModerateBan => Command::Ban {
+            room: room_id,
+            by,
+            user: target,
+            at,
+        },
+        pb::ModerateAction::ModerateUnban => Command::Unban {
+            room: room_id,
+            by,
+            user: target,
+        },
         pb::ModerateAction::ModerateSetRole => {
             let role = match pb::Role::try_from(req.role) {
                 Ok(pb::Role::Admin) => Role::Admin,
                 Ok(pb::Role::Member) => Role::Member,
                 Err(_) => return Err(ApiError::Invalid(format!("unknown role {}", req.role))),
             };
-            Command::SetRole { room: room_id, by, user: target, role }
+            Command::SetRole {
+                room: room_id,
+                by,
+                user: target,
+                role,
+            }
         }
     };
     Metrics::inc(&ctx.metrics.raft_writes);
-    ctx.groups.write(ctx.placement.of_room(&room.id), cmd).await??;
+    ctx.groups
+        .write(ctx.placement.of_room(&room.id), cmd)
+        .await??;
     Ok(pb::ModerateResponse {})
 }

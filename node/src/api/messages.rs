@@ -14,30 +14,53 @@ use crate::replication::{HistoryQuery, NewMessage};
 const MAX_CLIENT_ID: usize = 64;
 
 fn ack(a: crate::replication::Appended) -> pb::SendMessageResponse {
-    pb::SendMessageResponse { id: a.id.to_string(), duplicate: a.duplicate, sent_at: a.sent_at as i64 }
+    pb::SendMessageResponse {
+        id: a.id.to_string(),
+        duplicate: a.duplicate,
+        sent_at: a.sent_at as i64,
+    }
 }
 
 /// Checks the room's write quorum can be met. One node holds every replica today, so a
 /// quorum above the replica count is clamped to it (DESIGN §4: W=2 of RF=min(3, N)).
 fn check_quorum(ctx: &Ctx, room: &RoomRecord) -> ApiResult<()> {
-    let w = room.settings.write_quorum.unwrap_or(ctx.write_quorum).min(ctx.replicas.max(1));
+    let w = room
+        .settings
+        .write_quorum
+        .unwrap_or(ctx.write_quorum)
+        .min(ctx.replicas.max(1));
     if w == 0 {
         return Err(ApiError::Invalid("write quorum is 0".into()));
     }
     Ok(())
 }
 
-async fn append(ctx: &Ctx, user: &UserId, room: &RoomRecord, text: Vec<u8>, client_msg_id: String, after: &str) -> ApiResult<pb::SendMessageResponse> {
+async fn append(
+    ctx: &Ctx,
+    user: &UserId,
+    room: &RoomRecord,
+    text: Vec<u8>,
+    client_msg_id: String,
+    after: &str,
+) -> ApiResult<pb::SendMessageResponse> {
     let text = validate_text(text)?;
     if client_msg_id.len() > MAX_CLIENT_ID {
-        return Err(ApiError::Invalid(format!("client_msg_id is longer than {MAX_CLIENT_ID} bytes")));
+        return Err(ApiError::Invalid(format!(
+            "client_msg_id is longer than {MAX_CLIENT_ID} bytes"
+        )));
     }
     let after = opt_message_id(after, "after")?;
     ctx.require_member(room, user)?;
     check_quorum(ctx, room)?;
     let appended = ctx
         .timelines
-        .send(NewMessage { room: room.id.clone(), sender: user.clone(), text, client_msg_id, after })
+        .send(NewMessage {
+            room: room.id.clone(),
+            sender: user.clone(),
+            text,
+            client_msg_id,
+            after,
+        })
         .await?;
     if appended.duplicate {
         Metrics::inc(&ctx.metrics.messages_duplicate);
@@ -48,16 +71,26 @@ async fn append(ctx: &Ctx, user: &UserId, room: &RoomRecord, text: Vec<u8>, clie
 }
 
 /// `SendMessage`: durable (fsynced) before the ack; idempotent by `client_msg_id`.
-pub(super) async fn send(ctx: &Ctx, user: &UserId, req: pb::SendMessageRequest) -> ApiResult<pb::SendMessageResponse> {
+pub(super) async fn send(
+    ctx: &Ctx,
+    user: &UserId,
+    req: pb::SendMessageRequest,
+) -> ApiResult<pb::SendMessageResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
     append(ctx, user, &room, req.text, req.client_msg_id, &req.after).await
 }
 
 /// `SendDirect`: creates the two users' direct room on first use, then sends into it.
-pub(super) async fn send_direct(ctx: &Ctx, user: &UserId, req: pb::SendDirectRequest) -> ApiResult<pb::SendMessageResponse> {
+pub(super) async fn send_direct(
+    ctx: &Ctx,
+    user: &UserId,
+    req: pb::SendDirectRequest,
+) -> ApiResult<pb::SendMessageResponse> {
     let to = ctx.existing_user(&req.user)?;
     if &to == user {
-        return Err(ApiError::Invalid("you cannot send a direct message to yourself".into()));
+        return Err(ApiError::Invalid(
+            "you cannot send a direct message to yourself".into(),
+        ));
     }
     // Validate before creating the room, so bad input changes nothing.
     validate_text(req.text.clone())?;
@@ -71,11 +104,23 @@ pub(super) async fn send_direct(ctx: &Ctx, user: &UserId, req: pb::SendDirectReq
             let at = ctx.hlc.wall_ms();
             match ctx
                 .groups
-                .write(p, Command::EnsureDirect { id: id.clone(), a: user.clone(), b: to.clone(), at })
+                .write(
+                    p,
+                    Command::EnsureDirect {
+                        id: id.clone(),
+                        a: user.clone(),
+                        b: to.clone(),
+                        at,
+                    },
+                )
                 .await??
             {
                 Applied::DirectReady { room, .. } => room,
-                other => return Err(ApiError::Internal(format!("unexpected outcome of direct room: {other:?}"))),
+                other => {
+                    return Err(ApiError::Internal(format!(
+                        "unexpected outcome of direct room: {other:?}"
+                    )))
+                }
             }
         }
     };
@@ -83,44 +128,79 @@ pub(super) async fn send_direct(ctx: &Ctx, user: &UserId, req: pb::SendDirectReq
 }
 
 /// `EditMessage`: the author only.
-pub(super) async fn edit(ctx: &Ctx, user: &UserId, req: pb::EditMessageRequest) -> ApiResult<pb::SendMessageResponse> {
+pub(super) async fn edit(
+    ctx: &Ctx,
+    user: &UserId,
+    req: pb::EditMessageRequest,
+) -> ApiResult<pb::SendMessageResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
     let target = message_id(&req.message_id)?;
     let text = validate_text(req.text)?;
     ctx.require_member(&room, user)?;
-    Ok(ack(ctx.timelines.edit(&room.id, user, target, text).await?))
+    Ok(ack(ctx
+        .timelines
+        .edit(&room.id, user, target, text)
+        .await?))
 }
 
 /// `DeleteMessage`: the author, or a room admin.
-pub(super) async fn delete(ctx: &Ctx, user: &UserId, req: pb::DeleteMessageRequest) -> ApiResult<pb::SendMessageResponse> {
+pub(super) async fn delete(
+    ctx: &Ctx,
+    user: &UserId,
+    req: pb::DeleteMessageRequest,
+) -> ApiResult<pb::SendMessageResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
     let target = message_id(&req.message_id)?;
     let me = ctx.require_member(&room, user)?;
-    Ok(ack(ctx.timelines.delete(&room.id, user, me.role == Role::Admin, target).await?))
+    Ok(ack(ctx
+        .timelines
+        .delete(&room.id, user, me.role == Role::Admin, target)
+        .await?))
 }
 
 /// `React`: adds or removes the caller's reaction (an emoji or short code, 1-32 bytes).
-pub(super) async fn react(ctx: &Ctx, user: &UserId, req: pb::ReactRequest) -> ApiResult<pb::SendMessageResponse> {
+pub(super) async fn react(
+    ctx: &Ctx,
+    user: &UserId,
+    req: pb::ReactRequest,
+) -> ApiResult<pb::SendMessageResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
     let target = message_id(&req.message_id)?;
     let emoji = req.emoji.trim().to_owned();
     if emoji.is_empty() || emoji.len() > 32 || emoji.chars().any(char::is_whitespace) {
-        return Err(ApiError::Invalid("a reaction is 1 to 32 bytes without spaces".into()));
+        return Err(ApiError::Invalid(
+            "a reaction is 1 to 32 bytes without spaces".into(),
+        ));
     }
     ctx.require_member(&room, user)?;
-    Ok(ack(ctx.timelines.react(&room.id, user, target, emoji, req.remove).await?))
+    Ok(ack(ctx
+        .timelines
+        .react(&room.id, user, target, emoji, req.remove)
+        .await?))
 }
 
 /// `History`: a page of the room's messages, oldest first. Members only.
-pub(super) async fn history(ctx: &Ctx, user: &UserId, req: pb::HistoryRequest) -> ApiResult<pb::HistoryResponse> {
+pub(super) async fn history(
+    ctx: &Ctx,
+    user: &UserId,
+    req: pb::HistoryRequest,
+) -> ApiResult<pb::HistoryResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
     ctx.require_member(&room, user)?;
-    let given = [!req.before.is_empty(), !req.after.is_empty(), req.since != 0];
+    let given = [
+        !req.before.is_empty(),
+        !req.after.is_empty(),
+        req.since != 0,
+    ];
     if given.iter().filter(|g| **g).count() > 1 {
-        return Err(ApiError::Invalid("give at most one of before, after and since".into()));
+        return Err(ApiError::Invalid(
+            "give at most one of before, after and since".into(),
+        ));
     }
     if req.since < 0 {
-        return Err(ApiError::Invalid("since must be a Unix time in milliseconds".into()));
+        return Err(ApiError::Invalid(
+            "since must be a Unix time in milliseconds".into(),
+        ));
     }
     let q = HistoryQuery {
         limit: match req.limit {

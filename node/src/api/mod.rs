@@ -85,14 +85,21 @@ impl Ctx {
     /// Finds a room by id or name, from the local replica or linearizably.
     pub async fn resolve_room(&self, room: &str, strong: bool) -> ApiResult<RoomRecord> {
         let room = room.trim();
-        let (p, find): (_, Box<dyn Fn(&State) -> Option<RoomRecord> + Send>) = if RoomId::looks_like_id(room) {
-            let id = RoomId::parse(room)?;
-            (self.placement.of_room(&id), Box::new(move |s: &State| s.room(&id).cloned()))
-        } else {
-            validate_room_name(room)?;
-            let name = room.to_owned();
-            (self.placement.of_room_name(room), Box::new(move |s: &State| s.room_by_name(&name).cloned()))
-        };
+        let (p, find): (_, Box<dyn Fn(&State) -> Option<RoomRecord> + Send>) =
+            if RoomId::looks_like_id(room) {
+                let id = RoomId::parse(room)?;
+                (
+                    self.placement.of_room(&id),
+                    Box::new(move |s: &State| s.room(&id).cloned()),
+                )
+            } else {
+                validate_room_name(room)?;
+                let name = room.to_owned();
+                (
+                    self.placement.of_room_name(room),
+                    Box::new(move |s: &State| s.room_by_name(&name).cloned()),
+                )
+            };
         let found = if strong {
             self.groups.read_strong(p, find).await?
         } else {
@@ -104,19 +111,29 @@ impl Ctx {
     /// The caller's membership of a room, or PERMISSION_DENIED saying why not.
     pub fn require_member(&self, room: &RoomRecord, user: &UserId) -> ApiResult<MemberRecord> {
         let p = self.placement.of_room(&room.id);
-        let (member, banned) = self
-            .groups
-            .read(p, |s| (s.member(&room.id, user).cloned(), s.is_banned(&room.id, user)));
+        let (member, banned) = self.groups.read(p, |s| {
+            (
+                s.member(&room.id, user).cloned(),
+                s.is_banned(&room.id, user),
+            )
+        });
         match (member, banned) {
             (Some(m), _) => Ok(m),
-            (None, true) => Err(ApiError::PermissionDenied(format!("you are banned from {}", room.name))),
-            (None, false) => Err(ApiError::PermissionDenied(format!("you are not a member of {}", room.name))),
+            (None, true) => Err(ApiError::PermissionDenied(format!(
+                "you are banned from {}",
+                room.name
+            ))),
+            (None, false) => Err(ApiError::PermissionDenied(format!(
+                "you are not a member of {}",
+                room.name
+            ))),
         }
     }
 
     /// Whether a user exists (local read of the user's partition).
     pub fn user_exists(&self, user: &UserId) -> bool {
-        self.groups.read(self.placement.of_user(user), |s| s.users.contains_key(user))
+        self.groups
+            .read(self.placement.of_user(user), |s| s.users.contains_key(user))
     }
 
     /// Parses a user name and checks the user exists.
@@ -148,9 +165,12 @@ impl Ctx {
     /// The room as the API shows it to `viewer`.
     pub fn room_view(&self, room: &RoomRecord, viewer: &UserId) -> pb::Room {
         let p = self.placement.of_room(&room.id);
-        let (count, joined) = self
-            .groups
-            .read(p, |s| (s.member_count(&room.id), s.member(&room.id, viewer).is_some()));
+        let (count, joined) = self.groups.read(p, |s| {
+            (
+                s.member_count(&room.id),
+                s.member(&room.id, viewer).is_some(),
+            )
+        });
         pb::Room {
             id: room.id.to_string(),
             name: room.name.clone(),
@@ -177,7 +197,10 @@ pub fn validate_text(text: Vec<u8>) -> ApiResult<String> {
         )));
     }
     let s = String::from_utf8(text).map_err(|e| {
-        ApiError::Invalid(format!("text is not valid UTF-8 (bad byte at offset {})", e.utf8_error().valid_up_to()))
+        ApiError::Invalid(format!(
+            "text is not valid UTF-8 (bad byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ))
     })?;
     if s.trim().is_empty() {
         return Err(ApiError::Invalid("text is empty".into()));
@@ -197,7 +220,8 @@ pub fn opt_message_id(s: &str, what: &str) -> ApiResult<Option<MessageId>> {
 
 /// Parses a required message id argument.
 pub fn message_id(s: &str) -> ApiResult<MessageId> {
-    opt_message_id(s, "message id")?.ok_or_else(|| ApiError::Invalid("message id is required".into()))
+    opt_message_id(s, "message id")?
+        .ok_or_else(|| ApiError::Invalid("message id is required".into()))
 }
 
 /// The gRPC `parley.v1.Chat` service.
@@ -222,178 +246,205 @@ fn answer<T>(ctx: &Ctx, r: ApiResult<T>) -> Result<Response<T>, Status> {
     }
 }
 
+/// Authenticates the request, runs the handler with the caller and the request body,
+/// and answers through the one error mapping.
+macro_rules! authed {
+    ($self:ident, $req:ident, |$u:ident, $body:ident| $call:expr) => {{
+        let r = match auth::authenticate(&$self.ctx, $req.metadata()) {
+            Ok($u) => {
+                let $body = $req.into_inner();
+                $call
+            }
+            Err(e) => Err(e),
+        };
+        answer(&$self.ctx, r)
+    }};
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl Chat for ChatService {
-    async fn create_user(&self, req: Request<pb::CreateUserRequest>) -> Result<Response<pb::CreateUserResponse>, Status> {
+    async fn create_user(
+        &self,
+        req: Request<pb::CreateUserRequest>,
+    ) -> Result<Response<pb::CreateUserResponse>, Status> {
         answer(&self.ctx, users::create(&self.ctx, req.into_inner()).await)
     }
 
-    async fn who_am_i(&self, req: Request<pb::WhoAmIRequest>) -> Result<Response<pb::User>, Status> {
-        let r = auth::authenticate(&self.ctx, req.metadata()).and_then(|u| users::who_am_i(&self.ctx, &u));
+    async fn who_am_i(
+        &self,
+        req: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        let r = auth::authenticate(&self.ctx, req.metadata())
+            .and_then(|u| users::who_am_i(&self.ctx, &u));
         answer(&self.ctx, r)
     }
 
-    async fn create_room(&self, req: Request<pb::CreateRoomRequest>) -> Result<Response<pb::Room>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => rooms::create(&self.ctx, &u, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn create_room(
+        &self,
+        req: Request<pb::CreateRoomRequest>,
+    ) -> Result<Response<pb::Room>, Status> {
+        authed!(self, req, |u, body| rooms::create(&self.ctx, &u, body)
+            .await)
     }
 
-    async fn list_rooms(&self, req: Request<pb::ListRoomsRequest>) -> Result<Response<pb::ListRoomsResponse>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => rooms::list(&self.ctx, &u, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn list_rooms(
+        &self,
+        req: Request<pb::ListRoomsRequest>,
+    ) -> Result<Response<pb::ListRoomsResponse>, Status> {
+        authed!(self, req, |u, body| rooms::list(&self.ctx, &u, body).await)
     }
 
-    async fn get_room(&self, req: Request<pb::GetRoomRequest>) -> Result<Response<pb::Room>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => rooms::get(&self.ctx, &u, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn get_room(
+        &self,
+        req: Request<pb::GetRoomRequest>,
+    ) -> Result<Response<pb::Room>, Status> {
+        authed!(self, req, |u, body| rooms::get(&self.ctx, &u, body).await)
     }
 
-    async fn delete_room(&self, req: Request<pb::DeleteRoomRequest>) -> Result<Response<pb::DeleteRoomResponse>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => rooms::delete(&self.ctx, &u, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn delete_room(
+        &self,
+        req: Request<pb::DeleteRoomRequest>,
+    ) -> Result<Response<pb::DeleteRoomResponse>, Status> {
+        authed!(self, req, |u, body| rooms::delete(&self.ctx, &u, body)
+            .await)
     }
 
-    async fn join_room(&self, req: Request<pb::JoinRoomRequest>) -> Result<Response<pb::Room>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => members::join(&self.ctx, &u, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn join_room(
+        &self,
+        req: Request<pb::JoinRoomRequest>,
+    ) -> Result<Response<pb::Room>, Status> {
+        authed!(self, req, |u, body| members::join(&self.ctx, &u, body)
+            .await)
     }
 
-    async fn leave_room(&self, req: Request<pb::LeaveRoomRequest>) -> Result<Response<pb::LeaveRoomResponse>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => members::leave(&self.ctx, &u, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn leave_room(
+        &self,
+        req: Request<pb::LeaveRoomRequest>,
+    ) -> Result<Response<pb::LeaveRoomResponse>, Status> {
+        authed!(self, req, |u, body| members::leave(&self.ctx, &u, body)
+            .await)
     }
 
-    async fn list_members(&self, req: Request<pb::ListMembersRequest>) -> Result<Response<pb::ListMembersResponse>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => members::list(&self.ctx, &u, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn list_members(
+        &self,
+        req: Request<pb::ListMembersRequest>,
+    ) -> Result<Response<pb::ListMembersResponse>, Status> {
+        authed!(self, req, |u, body| members::list(&self.ctx, &u, body)
+            .await)
     }
 
-    async fn moderate(&self, req: Request<pb::ModerateRequest>) -> Result<Response<pb::ModerateResponse>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => members::moderate(&self.ctx, &u, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn moderate(
+        &self,
+        req: Request<pb::ModerateRequest>,
+    ) -> Result<Response<pb::ModerateResponse>, Status> {
+        authed!(self, req, |u, body| members::moderate(&self.ctx, &u, body)
+            .await)
     }
 
-    async fn send_message(&self, req: Request<pb::SendMessageRequest>) -> Result<Response<pb::SendMessageResponse>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => messages::send(&self.ctx, &u, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn send_message(
+        &self,
+        req: Request<pb::SendMessageRequest>,
+    ) -> Result<Response<pb::SendMessageResponse>, Status> {
+        authed!(self, req, |u, body| messages::send(&self.ctx, &u, body)
+            .await)
     }
 
-    async fn edit_message(&self, req: Request<pb::EditMessageRequest>) -> Result<Response<pb::SendMessageResponse>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => messages::edit(&self.ctx, &u, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn edit_message(
+        &self,
+        req: Request<pb::EditMessageRequest>,
+    ) -> Result<Response<pb::SendMessageResponse>, Status> {
+        authed!(self, req, |u, body| messages::edit(&self.ctx, &u, body)
+            .await)
     }
 
-    async fn delete_message(&self, req: Request<pb::DeleteMessageRequest>) -> Result<Response<pb::SendMessageResponse>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => messages::delete(&self.ctx, &u, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn delete_message(
+        &self,
+        req: Request<pb::DeleteMessageRequest>,
+    ) -> Result<Response<pb::SendMessageResponse>, Status> {
+        authed!(self, req, |u, body| messages::delete(&self.ctx, &u, body)
+            .await)
     }
 
-    async fn react(&self, req: Request<pb::ReactRequest>) -> Result<Response<pb::SendMessageResponse>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => messages::react(&self.ctx, &u, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn react(
+        &self,
+        req: Request<pb::ReactRequest>,
+    ) -> Result<Response<pb::SendMessageResponse>, Status> {
+        authed!(self, req, |u, body| messages::react(&self.ctx, &u, body)
+            .await)
     }
 
-    async fn send_direct(&self, req: Request<pb::SendDirectRequest>) -> Result<Response<pb::SendMessageResponse>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => messages::send_direct(&self.ctx, &u, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn send_direct(
+        &self,
+        req: Request<pb::SendDirectRequest>,
+    ) -> Result<Response<pb::SendMessageResponse>, Status> {
+        authed!(self, req, |u, body| messages::send_direct(
+            &self.ctx, &u, body
+        )
+        .await)
     }
 
-    async fn history(&self, req: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => messages::history(&self.ctx, &u, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn history(
+        &self,
+        req: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        authed!(self, req, |u, body| messages::history(&self.ctx, &u, body)
+            .await)
     }
 
     type SubscribeStream = EventStream;
 
-    async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => subscribe::subscribe(self.ctx.clone(), u, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn subscribe(
+        &self,
+        req: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        authed!(self, req, |u, body| subscribe::subscribe(
+            self.ctx.clone(),
+            u,
+            body
+        )
+        .await)
     }
 
-    async fn set_presence(&self, req: Request<pb::SetPresenceRequest>) -> Result<Response<pb::SetPresenceResponse>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => presence::set(&self.ctx, &u, req.into_inner()),
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn set_presence(
+        &self,
+        req: Request<pb::SetPresenceRequest>,
+    ) -> Result<Response<pb::SetPresenceResponse>, Status> {
+        authed!(self, req, |u, body| presence::set(&self.ctx, &u, body))
     }
 
-    async fn get_presence(&self, req: Request<pb::GetPresenceRequest>) -> Result<Response<pb::GetPresenceResponse>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => presence::get(&self.ctx, &u, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn get_presence(
+        &self,
+        req: Request<pb::GetPresenceRequest>,
+    ) -> Result<Response<pb::GetPresenceResponse>, Status> {
+        authed!(self, req, |u, body| presence::get(&self.ctx, &u, body)
+            .await)
     }
 
-    async fn set_typing(&self, req: Request<pb::SetTypingRequest>) -> Result<Response<pb::SetTypingResponse>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => presence::typing(&self.ctx, &u, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn set_typing(
+        &self,
+        req: Request<pb::SetTypingRequest>,
+    ) -> Result<Response<pb::SetTypingResponse>, Status> {
+        authed!(self, req, |u, body| presence::typing(&self.ctx, &u, body)
+            .await)
     }
 
-    async fn mark_read(&self, req: Request<pb::MarkReadRequest>) -> Result<Response<pb::MarkReadResponse>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => presence::mark_read(&self.ctx, &u, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn mark_read(
+        &self,
+        req: Request<pb::MarkReadRequest>,
+    ) -> Result<Response<pb::MarkReadResponse>, Status> {
+        authed!(self, req, |u, body| presence::mark_read(
+            &self.ctx, &u, body
+        )
+        .await)
     }
 
-    async fn get_receipts(&self, req: Request<pb::GetReceiptsRequest>) -> Result<Response<pb::GetReceiptsResponse>, Status> {
-        let r = match auth::authenticate(&self.ctx, req.metadata()) {
-            Ok(u) => presence::receipts(&self.ctx, &u, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        answer(&self.ctx, r)
+    async fn get_receipts(
+        &self,
+        req: Request<pb::GetReceiptsRequest>,
+    ) -> Result<Response<pb::GetReceiptsResponse>, Status> {
+        authed!(self, req, |u, body| presence::receipts(&self.ctx, &u, body)
+            .await)
     }
 }

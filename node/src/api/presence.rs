@@ -21,8 +21,15 @@ fn status_pb(s: Status) -> pb::PresenceState {
 
 /// Announces a user's presence to every room the user is in.
 pub fn announce_presence(ctx: &Ctx, user: &UserId, status: Status, last_seen: u64) {
-    let info = pb::PresenceInfo { user: user.to_string(), state: status_pb(status) as i32, last_seen: last_seen as i64 };
-    let ev = Arc::new(pb::Event { cursor: String::new(), kind: Some(pb::event::Kind::Presence(info)) });
+    let info = pb::PresenceInfo {
+        user: user.to_string(),
+        state: status_pb(status) as i32,
+        last_seen: last_seen as i64,
+    };
+    let ev = Arc::new(pb::Event {
+        cursor: String::new(),
+        kind: Some(pb::event::Kind::Presence(info)),
+    });
     for room in ctx.rooms_of(user) {
         ctx.hub.publish_live(&room.id, ev.clone());
     }
@@ -30,19 +37,37 @@ pub fn announce_presence(ctx: &Ctx, user: &UserId, status: Status, last_seen: u6
 
 /// Announces a typing change to a room.
 pub fn announce_typing(ctx: &Ctx, room: &RoomId, user: &UserId, typing: bool) {
-    let t = pb::TypingEvent { room_id: room.to_string(), user: user.to_string(), typing };
-    ctx.hub
-        .publish_live(room, Arc::new(pb::Event { cursor: String::new(), kind: Some(pb::event::Kind::Typing(t)) }));
+    let t = pb::TypingEvent {
+        room_id: room.to_string(),
+        user: user.to_string(),
+        typing,
+    };
+    ctx.hub.publish_live(
+        room,
+        Arc::new(pb::Event {
+            cursor: String::new(),
+            kind: Some(pb::event::Kind::Typing(t)),
+        }),
+    );
 }
 
 /// `SetPresence`: also the heartbeat; call it more often than the TTL.
-pub(super) fn set(ctx: &Ctx, user: &UserId, req: pb::SetPresenceRequest) -> ApiResult<pb::SetPresenceResponse> {
+pub(super) fn set(
+    ctx: &Ctx,
+    user: &UserId,
+    req: pb::SetPresenceRequest,
+) -> ApiResult<pb::SetPresenceResponse> {
     let status = match pb::PresenceState::try_from(req.state) {
         Ok(pb::PresenceState::PresenceOnline) => Status::Online,
         Ok(pb::PresenceState::PresenceAway) => Status::Away,
         Ok(pb::PresenceState::PresenceBusy) => Status::Busy,
         Ok(pb::PresenceState::PresenceOffline) => Status::Offline,
-        Err(_) => return Err(ApiError::Invalid(format!("unknown presence state {}", req.state))),
+        Err(_) => {
+            return Err(ApiError::Invalid(format!(
+                "unknown presence state {}",
+                req.state
+            )))
+        }
     };
     let now = ctx.hlc.wall_ms();
     if ctx.presence.set(user, status, now) {
@@ -52,7 +77,11 @@ pub(super) fn set(ctx: &Ctx, user: &UserId, req: pb::SetPresenceRequest) -> ApiR
 }
 
 /// `GetPresence`: every member of a room the caller is in.
-pub(super) async fn get(ctx: &Ctx, user: &UserId, req: pb::GetPresenceRequest) -> ApiResult<pb::GetPresenceResponse> {
+pub(super) async fn get(
+    ctx: &Ctx,
+    user: &UserId,
+    req: pb::GetPresenceRequest,
+) -> ApiResult<pb::GetPresenceResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
     ctx.require_member(&room, user)?;
     let members = members_of(ctx, &room.id);
@@ -60,7 +89,11 @@ pub(super) async fn get(ctx: &Ctx, user: &UserId, req: pb::GetPresenceRequest) -
         .iter()
         .map(|u| {
             let (s, seen) = ctx.presence.get(u);
-            pb::PresenceInfo { user: u.to_string(), state: status_pb(s) as i32, last_seen: seen as i64 }
+            pb::PresenceInfo {
+                user: u.to_string(),
+                state: status_pb(s) as i32,
+                last_seen: seen as i64,
+            }
         })
         .collect();
     Ok(pb::GetPresenceResponse { users })
@@ -68,12 +101,19 @@ pub(super) async fn get(ctx: &Ctx, user: &UserId, req: pb::GetPresenceRequest) -
 
 fn members_of(ctx: &Ctx, room: &RoomId) -> Vec<UserId> {
     ctx.groups.read(ctx.placement.of_room(room), |s| {
-        s.members.get(room).map(|m| m.keys().cloned().collect()).unwrap_or_default()
+        s.members
+            .get(room)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
     })
 }
 
 /// `SetTyping`: fanned out, never stored; expires after 5 s.
-pub(super) async fn typing(ctx: &Ctx, user: &UserId, req: pb::SetTypingRequest) -> ApiResult<pb::SetTypingResponse> {
+pub(super) async fn typing(
+    ctx: &Ctx,
+    user: &UserId,
+    req: pb::SetTypingRequest,
+) -> ApiResult<pb::SetTypingResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
     ctx.require_member(&room, user)?;
     if ctx.presence.set_typing(&room.id, user, req.typing) {
@@ -83,27 +123,52 @@ pub(super) async fn typing(ctx: &Ctx, user: &UserId, req: pb::SetTypingRequest) 
 }
 
 /// `MarkRead`: moves the caller's marker forward to an existing message.
-pub(super) async fn mark_read(ctx: &Ctx, user: &UserId, req: pb::MarkReadRequest) -> ApiResult<pb::MarkReadResponse> {
+pub(super) async fn mark_read(
+    ctx: &Ctx,
+    user: &UserId,
+    req: pb::MarkReadRequest,
+) -> ApiResult<pb::MarkReadResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
     ctx.require_member(&room, user)?;
     let id = message_id(&req.message_id)?;
     if ctx.timelines.get_message(&room.id, id)?.is_none() {
-        return Err(ApiError::NotFound(format!("message {id} not found in {}", room.name)));
+        return Err(ApiError::NotFound(format!(
+            "message {id} not found in {}",
+            room.name
+        )));
     }
     let now = ctx.markers.mark(&room.id, user, id).await?;
-    let ev = pb::ReadMarkerEvent { room_id: room.id.to_string(), user: user.to_string(), message_id: now.to_string() };
-    ctx.hub
-        .publish_live(&room.id, Arc::new(pb::Event { cursor: String::new(), kind: Some(pb::event::Kind::Read(ev)) }));
-    Ok(pb::MarkReadResponse { message_id: now.to_string() })
+    let ev = pb::ReadMarkerEvent {
+        room_id: room.id.to_string(),
+        user: user.to_string(),
+        message_id: now.to_string(),
+    };
+    ctx.hub.publish_live(
+        &room.id,
+        Arc::new(pb::Event {
+            cursor: String::new(),
+            kind: Some(pb::event::Kind::Read(ev)),
+        }),
+    );
+    Ok(pb::MarkReadResponse {
+        message_id: now.to_string(),
+    })
 }
 
 /// `GetReceipts`: members whose marker is at or after the message. Off in mega-groups.
-pub(super) async fn receipts(ctx: &Ctx, user: &UserId, req: pb::GetReceiptsRequest) -> ApiResult<pb::GetReceiptsResponse> {
+pub(super) async fn receipts(
+    ctx: &Ctx,
+    user: &UserId,
+    req: pb::GetReceiptsRequest,
+) -> ApiResult<pb::GetReceiptsResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
     ctx.require_member(&room, user)?;
     let id = message_id(&req.message_id)?;
     if ctx.timelines.get_message(&room.id, id)?.is_none() {
-        return Err(ApiError::NotFound(format!("message {id} not found in {}", room.name)));
+        return Err(ApiError::NotFound(format!(
+            "message {id} not found in {}",
+            room.name
+        )));
     }
     let members = members_of(ctx, &room.id);
     if members.len() as u64 >= u64::from(room.settings.mega_threshold) {
@@ -115,5 +180,7 @@ pub(super) async fn receipts(ctx: &Ctx, user: &UserId, req: pb::GetReceiptsReque
         )));
     }
     let read_by = ctx.markers.readers(&room.id, id, &members)?;
-    Ok(pb::GetReceiptsResponse { read_by: read_by.iter().map(|u| u.to_string()).collect() })
+    Ok(pb::GetReceiptsResponse {
+        read_by: read_by.iter().map(|u| u.to_string()).collect(),
+    })
 }

@@ -25,8 +25,16 @@ use crate::ids::{MessageId, RoomId, UserId};
 /// Entries read from the index per replay page.
 const REPLAY_PAGE: usize = 512;
 
-pub(super) async fn subscribe(ctx: Arc<Ctx>, user: UserId, req: pb::SubscribeRequest) -> ApiResult<EventStream> {
-    let cursor = if req.cursor.is_empty() { None } else { Some(Cursor::decode(&req.cursor)?) };
+pub(super) async fn subscribe(
+    ctx: Arc<Ctx>,
+    user: UserId,
+    req: pb::SubscribeRequest,
+) -> ApiResult<EventStream> {
+    let cursor = if req.cursor.is_empty() {
+        None
+    } else {
+        Some(Cursor::decode(&req.cursor)?)
+    };
     let mut rooms = Vec::new();
     if !req.rooms.is_empty() {
         for r in &req.rooms {
@@ -40,7 +48,9 @@ pub(super) async fn subscribe(ctx: Arc<Ctx>, user: UserId, req: pb::SubscribeReq
         rooms = ctx.rooms_of(&user);
     }
     if rooms.len() > 1000 {
-        return Err(ApiError::Invalid("subscribe to at most 1000 rooms per stream".into()));
+        return Err(ApiError::Invalid(
+            "subscribe to at most 1000 rooms per stream".into(),
+        ));
     }
     let mut streams = StreamMap::new();
     let mut last: BTreeMap<RoomId, MessageId> = BTreeMap::new();
@@ -70,7 +80,9 @@ pub(super) async fn subscribe(ctx: Arc<Ctx>, user: UserId, req: pb::SubscribeReq
     }
     if let Some(c) = &cursor {
         if let Some(stray) = c.0.keys().find(|r| !last.contains_key(*r)) {
-            return Err(ApiError::Invalid(format!("the cursor names room {stray}, which this subscription does not")));
+            return Err(ApiError::Invalid(format!(
+                "the cursor names room {stray}, which this subscription does not"
+            )));
         }
     }
     Metrics::inc(&ctx.metrics.subscriptions_opened);
@@ -151,7 +163,12 @@ async fn pump(
     start: Vec<(RoomId, MessageId, MessageId)>,
     tx: Tx,
 ) {
-    let mut sub = Sub { ctx, user, last, tx };
+    let mut sub = Sub {
+        ctx,
+        user,
+        last,
+        tx,
+    };
     for (room, _from, watermark) in start {
         if !sub.catch_up(&room, watermark).await {
             return;

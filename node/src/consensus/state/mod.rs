@@ -19,6 +19,8 @@ use crate::ids::{RoomId, UserId};
 
 mod membership;
 mod rooms;
+#[cfg(test)]
+mod tests;
 mod users;
 
 /// Above this many members a room is a mega-group: receipts off, new members muted.
@@ -93,27 +95,77 @@ pub struct State {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Fails with `AlreadyExists` if the name is taken.
-    CreateUser { name: UserId, token_hash: [u8; 32], at: u64 },
-    DeleteUser { name: UserId },
+    CreateUser {
+        name: UserId,
+        token_hash: [u8; 32],
+        at: u64,
+    },
+    DeleteUser {
+        name: UserId,
+    },
     /// A group room; the creator becomes its first member, as admin.
-    CreateRoom { id: RoomId, name: String, creator: UserId, write_quorum: Option<u8>, at: u64 },
+    CreateRoom {
+        id: RoomId,
+        name: String,
+        creator: UserId,
+        write_quorum: Option<u8>,
+        at: u64,
+    },
     /// The direct room of two users; succeeds (changing nothing) if it exists already.
-    EnsureDirect { id: RoomId, a: UserId, b: UserId, at: u64 },
-    /// Admins only.
-    DeleteRoom { room: RoomId, by: UserId },
+    EnsureDirect {
+        id: RoomId,
+        a: UserId,
+        b: UserId,
+        at: u64,
+    },
+    /// Group rooms: admins only. Direct rooms (which have no admins): either member.
+    DeleteRoom {
+        room: RoomId,
+        by: UserId,
+    },
     /// Group rooms only; fails if banned. Joining twice is a no-op success.
-    Join { room: RoomId, user: UserId, at: u64 },
+    Join {
+        room: RoomId,
+        user: UserId,
+        at: u64,
+    },
     /// The last admin of a room with other members may not leave.
-    Leave { room: RoomId, user: UserId },
+    Leave {
+        room: RoomId,
+        user: UserId,
+    },
     /// Any member may invite into a group room; fails if the target is banned.
-    Invite { room: RoomId, by: UserId, user: UserId, at: u64 },
+    Invite {
+        room: RoomId,
+        by: UserId,
+        user: UserId,
+        at: u64,
+    },
     /// Admins only; not oneself.
-    Kick { room: RoomId, by: UserId, user: UserId },
+    Kick {
+        room: RoomId,
+        by: UserId,
+        user: UserId,
+    },
     /// Admins only; not oneself. Removes membership and blocks joining.
-    Ban { room: RoomId, by: UserId, user: UserId, at: u64 },
-    Unban { room: RoomId, by: UserId, user: UserId },
+    Ban {
+        room: RoomId,
+        by: UserId,
+        user: UserId,
+        at: u64,
+    },
+    Unban {
+        room: RoomId,
+        by: UserId,
+        user: UserId,
+    },
     /// Admins only. The last admin may not demote themself.
-    SetRole { room: RoomId, by: UserId, user: UserId, role: Role },
+    SetRole {
+        room: RoomId,
+        by: UserId,
+        user: UserId,
+        role: Role,
+    },
 }
 
 /// What a successful command did, for the caller and for the event stream.
@@ -123,10 +175,19 @@ pub enum Applied {
     UserDeleted,
     RoomCreated(RoomRecord),
     /// `created` is false when the direct room existed already.
-    DirectReady { room: RoomRecord, created: bool },
-    RoomDeleted { room: RoomId },
+    DirectReady {
+        room: RoomRecord,
+        created: bool,
+    },
+    RoomDeleted {
+        room: RoomId,
+    },
     /// `changed` is false for a no-op (already a member, already banned, ...).
-    Membership { room: RoomId, user: UserId, changed: bool },
+    Membership {
+        room: RoomId,
+        user: UserId,
+        changed: bool,
+    },
 }
 
 /// Why a command was refused. The state is unchanged.
@@ -153,11 +214,19 @@ pub type Outcome = Result<Applied, CommandError>;
 /// Applies one command. Pure and deterministic (see the module doc).
 pub fn apply(state: &mut State, cmd: Command) -> Outcome {
     match cmd {
-        Command::CreateUser { name, token_hash, at } => users::create(state, name, token_hash, at),
+        Command::CreateUser {
+            name,
+            token_hash,
+            at,
+        } => users::create(state, name, token_hash, at),
         Command::DeleteUser { name } => users::delete(state, name),
-        Command::CreateRoom { id, name, creator, write_quorum, at } => {
-            rooms::create(state, id, name, creator, write_quorum, at)
-        }
+        Command::CreateRoom {
+            id,
+            name,
+            creator,
+            write_quorum,
+            at,
+        } => rooms::create(state, id, name, creator, write_quorum, at),
         Command::EnsureDirect { id, a, b, at } => rooms::ensure_direct(state, id, a, b, at),
         Command::DeleteRoom { room, by } => rooms::delete(state, room, by),
         Command::Join { room, user, at } => membership::join(state, room, user, at),
@@ -166,7 +235,12 @@ pub fn apply(state: &mut State, cmd: Command) -> Outcome {
         Command::Kick { room, by, user } => membership::kick(state, room, by, user),
         Command::Ban { room, by, user, at } => membership::ban(state, room, by, user, at),
         Command::Unban { room, by, user } => membership::unban(state, room, by, user),
-        Command::SetRole { room, by, user, role } => membership::set_role(state, room, by, user, role),
+        Command::SetRole {
+            room,
+            by,
+            user,
+            role,
+        } => membership::set_role(state, room, by, user, role),
     }
 }
 
