@@ -1,2 +1,43 @@
-//! Consensus (being written by the consensus work): openraft groups per partition.
+//! Consensus: one openraft group per partition, and the pure partition state machine.
+//!
+//! Owns: the Raft type config ([`typ`]), the versioned encoding of everything Raft writes
+//! or sends ([`codec`]), the log store ([`log_store`]) and state machine
+//! ([`state_machine`]) on top of [`crate::store`], the gRPC transport ([`network`]) and
+//! the registry of groups the node talks to ([`groups::Groups`]).
+//!
+//! Never touches: sled (only through `store`), client-facing errors (the API layer maps
+//! [`ConsensusError`]), rooms' message timelines (replication).
+
+pub mod codec;
+pub mod groups;
+pub mod log_store;
+pub mod network;
 pub mod state;
+pub mod state_machine;
+pub mod typ;
+
+pub use groups::{AppliedEvent, ConsensusError, GroupStatus, Groups, Tuning};
+pub use network::ClusterRaftService;
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use crate::store::Db;
+
+    /// Opens the store at `path`, polling (bounded) while a previous instance in this
+    /// process still holds the directory's lock during its teardown.
+    pub(crate) async fn open_db(path: &Path) -> Db {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Db::open(path) {
+                Ok(db) => return db,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("store did not reopen within 10 s: {e}"),
+            }
+        }
+    }
+}

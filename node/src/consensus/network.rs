@@ -1,0 +1,357 @@
+//! Raft RPCs between nodes over the `Cluster` gRPC service (`cluster.proto`).
+//!
+//! Client side: [`NetworkFactory`] makes one [`Network`] per (group, target) pair; each call
+//! sends `RaftRequest { group, payload = codec::encode(openraft request) }` and reads back
+//! `RaftReply { ok | err }`. Server side: [`ClusterRaftService`] decodes the request and
+//! hands it to the group's `Raft`.
+//!
+//! To stay correct: transport failures (cannot connect, connection reset, deadline) map to
+//! `RPCError::Unreachable`/`RPCError::Network`, so openraft backs off and retries; an error
+//! the peer's Raft returned maps to `RPCError::RemoteError`, unchanged. The server never
+//! panics on a malformed payload: it answers `INVALID_ARGUMENT`.
+
+// openraft's `StorageError` and tonic's `Status` are large by design and fixed by the traits
+// implemented here; boxing them in private helpers would only add conversions.
+#![allow(clippy::result_large_err)]
+
+use std::net::SocketAddr;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use parley_proto::v1::cluster_client::ClusterClient;
+use parley_proto::v1::cluster_server::Cluster;
+use parley_proto::v1::{
+    HelloReply, HelloRequest, PushChangesReply, PushChangesRequest, RaftReply, RaftRequest,
+    SyncReply, SyncRequest,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use super::codec;
+use super::groups::Groups;
+use super::typ::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    Node, NodeId, RaftError, RpcError, TypeConfig, VoteRequest, VoteResponse,
+};
+use crate::ids::GroupId;
+
+/// Creates the clients one group's Raft uses to reach its peers.
+#[derive(Clone)]
+pub struct NetworkFactory {
+    group: GroupId,
+}
+
+impl NetworkFactory {
+    pub fn new(group: GroupId) -> Self {
+        Self { group }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = Network;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> Network {
+        // `connect_lazy` does no I/O: the connection is made (and remade) on use, so a peer
+        // that is down now is retried later instead of being given up on here.
+        let client = Endpoint::from_shared(format!("http://{}", node.addr))
+            .map(|e| ClusterClient::new(e.connect_lazy()))
+            .map_err(|e| format!("bad address {:?} of node {target}: {e}", node.addr));
+        Network {
+            group: self.group,
+            target,
+            client,
+        }
+    }
+}
+
+/// A client for one peer of one group.
+pub struct Network {
+    group: GroupId,
+    target: NodeId,
+    client: Result<ClusterClient<Channel>, String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TransportError(String);
+
+#[derive(Clone, Copy)]
+enum Rpc {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+impl Network {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        rpc: Rpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RpcError<E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let client = match &mut self.client {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(RpcError::Unreachable(Unreachable::new(&TransportError(
+                    e.clone(),
+                ))))
+            }
+        };
+        let mut request = Request::new(RaftRequest {
+            group: self.group.0,
+            payload: codec::encode(req),
+        });
+        request.set_timeout(option.hard_ttl());
+        let reply = match rpc {
+            Rpc::Append => client.raft_append(request).await,
+            Rpc::Vote => client.raft_vote(request).await,
+            Rpc::Snapshot => client.raft_snapshot(request).await,
+        };
+        let reply = match reply {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                let err = TransportError(format!(
+                    "node {} group {}: {status}",
+                    self.target, self.group
+                ));
+                return Err(match status.code() {
+                    tonic::Code::Unavailable => RpcError::Unreachable(Unreachable::new(&err)),
+                    _ => RpcError::Network(NetworkError::new(&err)),
+                });
+            }
+        };
+        let bad = |what: &str, e: codec::CodecError| {
+            RpcError::Network(NetworkError::new(&TransportError(format!(
+                "node {} sent a malformed {what}: {e}",
+                self.target
+            ))))
+        };
+        if !reply.err.is_empty() {
+            let e: E = codec::decode(&reply.err).map_err(|e| bad("error", e))?;
+            return Err(RpcError::RemoteError(RemoteError::new(self.target, e)));
+        }
+        codec::decode(&reply.ok).map_err(|e| bad("reply", e))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Network {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse, RpcError<RaftError>> {
+        self.call(Rpc::Append, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse, RpcError<RaftError<InstallSnapshotError>>> {
+        self.call(Rpc::Snapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest,
+        option: RPCOption,
+    ) -> Result<VoteResponse, RpcError<RaftError>> {
+        self.call(Rpc::Vote, &rpc, &option).await
+    }
+}
+
+/// The `Cluster` gRPC service: Raft RPCs dispatched to the local groups, and `Hello`.
+/// CRDT replication (`PushChanges`, `SyncRoom`) is served elsewhere once it exists.
+#[derive(Clone)]
+pub struct ClusterRaftService {
+    groups: Groups,
+    cluster: String,
+    http_addr: Option<SocketAddr>,
+}
+
+impl ClusterRaftService {
+    pub fn new(groups: Groups, cluster: impl Into<String>, http_addr: Option<SocketAddr>) -> Self {
+        Self {
+            groups,
+            cluster: cluster.into(),
+            http_addr,
+        }
+    }
+
+    fn reply<T: Serialize, E: Serialize>(result: Result<T, E>) -> Response<RaftReply> {
+        Response::new(match result {
+            Ok(v) => RaftReply {
+                ok: codec::encode(&v),
+                err: Vec::new(),
+            },
+            Err(e) => RaftReply {
+                ok: Vec::new(),
+                err: codec::encode(&e),
+            },
+        })
+    }
+
+    fn raft(&self, req: &RaftRequest) -> Result<super::typ::Raft, Status> {
+        self.groups.raft(GroupId(req.group)).ok_or_else(|| {
+            Status::not_found(format!("group {} is not hosted on this node", req.group))
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterRaftService {
+    async fn raft_append(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        let raft = self.raft(&req)?;
+        let body: AppendEntriesRequest = decode_payload(&req)?;
+        Ok(Self::reply(raft.append_entries(body).await))
+    }
+
+    async fn raft_vote(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        let raft = self.raft(&req)?;
+        let body: VoteRequest = decode_payload(&req)?;
+        Ok(Self::reply(raft.vote(body).await))
+    }
+
+    async fn raft_snapshot(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        let raft = self.raft(&req)?;
+        let body: InstallSnapshotRequest = decode_payload(&req)?;
+        Ok(Self::reply(raft.install_snapshot(body).await))
+    }
+
+    async fn push_changes(
+        &self,
+        _: Request<PushChangesRequest>,
+    ) -> Result<Response<PushChangesReply>, Status> {
+        Err(Status::unimplemented(
+            "not yet: replication arrives with the cluster",
+        ))
+    }
+
+    async fn sync_room(&self, _: Request<SyncRequest>) -> Result<Response<SyncReply>, Status> {
+        Err(Status::unimplemented(
+            "not yet: replication arrives with the cluster",
+        ))
+    }
+
+    async fn hello(&self, _: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
+        Ok(Response::new(HelloReply {
+            cluster: self.cluster.clone(),
+            node_id: self.groups.node_id().0,
+            grpc_addr: self.groups.grpc_addr().to_string(),
+            http_addr: self.http_addr.map(|a| a.to_string()).unwrap_or_default(),
+        }))
+    }
+}
+
+fn decode_payload<T: DeserializeOwned>(req: &RaftRequest) -> Result<T, Status> {
+    codec::decode(&req.payload)
+        .map_err(|e| Status::invalid_argument(format!("malformed raft payload: {e}")))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap
+mod tests {
+    use super::*;
+    use crate::consensus::groups::Tuning;
+    use crate::ids::NodeId as PNodeId;
+    use parley_proto::v1::cluster_server::ClusterServer;
+    use std::time::Duration;
+
+    fn option() -> RPCOption {
+        RPCOption::new(Duration::from_secs(2))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn raft_rpcs_travel_over_grpc() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let db = crate::store::Db::temporary().unwrap();
+        let (tx, _rx) = tokio::sync::broadcast::channel(4);
+        let groups = Groups::open_with(&db, PNodeId(1), addr, 1, tx, Tuning::default())
+            .await
+            .unwrap();
+        let svc = ClusterRaftService::new(groups.clone(), "test", None);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ClusterServer::new(svc))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = stop_rx.await;
+                    },
+                ),
+        );
+
+        let node = Node::new(addr.to_string());
+        let mut net = NetworkFactory::new(GroupId(1)).new_client(1, &node).await;
+        // A stale candidate (term 0) asks node 1 for its vote: the peer answers, refusing.
+        let resp = net
+            .vote(VoteRequest::new(openraft::Vote::new(0, 2), None), option())
+            .await
+            .unwrap();
+        assert!(!resp.vote_granted);
+        assert_eq!(resp.vote.leader_id().voted_for(), Some(1));
+
+        // A group the node does not host is a transport-level error, not a panic.
+        let mut other = NetworkFactory::new(GroupId(9)).new_client(1, &node).await;
+        let err = other
+            .vote(VoteRequest::new(openraft::Vote::new(0, 2), None), option())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RpcError::Network(_)), "{err:?}");
+
+        // Garbage payloads are refused with INVALID_ARGUMENT.
+        let mut raw = ClusterClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let status = raw
+            .raft_append(RaftRequest {
+                group: 1,
+                payload: vec![1, 255, 255],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        let hello = raw
+            .hello(HelloRequest {
+                cluster: "test".into(),
+                node_id: 2,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((hello.cluster.as_str(), hello.node_id), ("test", 1));
+
+        let _ = stop_tx.send(());
+        server.await.unwrap().unwrap();
+        groups.shutdown().await;
+
+        // Nobody listens any more: the peer is unreachable.
+        let mut gone = NetworkFactory::new(GroupId(1)).new_client(1, &node).await;
+        let err = gone
+            .vote(VoteRequest::new(openraft::Vote::new(0, 2), None), option())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RpcError::Unreachable(_)), "{err:?}");
+    }
+}
