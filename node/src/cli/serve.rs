@@ -1,0 +1,73 @@
+//! `parley serve`: flags -> [`Config`], logging to stderr, SIGINT/SIGTERM. The node
+//! itself writes `<data-dir>/node.json` and prints the `parley: serving ...` line.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use super::args::ServeArgs;
+use crate::node::{self, Config};
+
+impl ServeArgs {
+    pub fn to_config(&self) -> Config {
+        let mut c = Config::default_for(self.data_dir.clone());
+        c.listen = self.listen;
+        c.http = self.http;
+        c.p2p = self.p2p.clone();
+        c.join = self.join.clone();
+        c.bootstrap_expect = self.bootstrap_expect;
+        c.node_id = self.node_id;
+        c.partitions = self.partitions;
+        c.write_quorum = self.write_quorum;
+        c.presence_ttl = Duration::from_secs(self.presence_ttl);
+        c.clock_offset_ms = self.clock_offset_ms;
+        c
+    }
+}
+
+/// Runs a node until SIGINT or SIGTERM.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let config = args.to_config();
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
+    node::run(config, shutdown_signal()).await
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal, so log files stay plain text. `try_init` fails only
+    // if a subscriber is already set, which then keeps logging.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .try_init();
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,11 @@
+//! Integration tests of the parley node: real sockets, real sled, real processes.
+//!
+//! - `api`: in-process nodes driven through the gRPC API.
+//! - `cli`: the `parley` binary's command-line contract (DESIGN §6) against a real node.
+//! - `crash`: kill -9 under load; nothing acked is lost or duplicated.
+//! - `support`: starting the binary, running CLI commands, clients.
+
+mod api;
+mod cli;
+mod crash;
+mod support;

@@ -1,0 +1,434 @@
+//! Shared helpers: the real `parley` binary as a node process (start, kill -9,
+//! restart on the same data dir), CLI runs with captured output, gRPC clients.
+//!
+//! Processes are stopped by PID (`Child::kill`, which is SIGKILL on unix), never by name.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use parley_node::cli::client::{self, Client};
+use parley_node::node::Bound;
+use parley_proto::v1 as pb;
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_parley");
+
+/// How long a node may take to write `node.json`.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one CLI command may run.
+const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A `parley serve` child process with its own temp dir (`data/` and `logs/`).
+pub struct Node {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    pub bound: Bound,
+    starts: u32,
+}
+
+impl Node {
+    /// Starts a fresh single-node cluster and waits (bounded) until it serves.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("parley-it-")
+            .tempdir()
+            .expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("logs")).expect("logs dir");
+        let (child, bound) = spawn(dir.path(), 0);
+        Self {
+            child: Some(child),
+            dir,
+            bound,
+            starts: 1,
+        }
+    }
+
+    /// `HOST:PORT` of the node's gRPC API (as `--node` takes it).
+    pub fn addr(&self) -> String {
+        self.bound.grpc.to_string()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL (no shutdown code runs), then reap the process.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the node again on the same data dir (new ports), after killing it if it
+    /// still runs. The stale `node.json` is removed first so the wait sees the new one.
+    pub fn restart(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_file(self.data_dir().join("node.json"));
+        let (child, bound) = spawn(self.dir.path(), self.starts);
+        self.starts += 1;
+        self.child = Some(child);
+        self.bound = bound;
+    }
+
+    /// Everything the node printed so far (all runs), for failure messages.
+    pub fn logs(&self) -> String {
+        logs(self.dir.path())
+    }
+
+    /// A `parley` client command aimed at this node, with a clean environment.
+    pub fn command(&self, token: Option<&str>) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.env_remove("PARLEY_NODE")
+            .env_remove("PARLEY_TOKEN")
+            .env_remove("RUST_LOG");
+        cmd.arg("--node").arg(self.addr());
+        if let Some(t) = token {
+            cmd.arg("--token").arg(t);
+        }
+        cmd
+    }
+
+    /// Runs `parley --node ADDR [--token T] ARGS...` to completion.
+    pub fn cli(&self, token: Option<&str>, args: &[&str]) -> Run {
+        let mut cmd = self.command(token);
+        cmd.args(args);
+        run(cmd, &args.join(" "))
+    }
+
+    /// Like [`Node::cli`] with arguments that may not be UTF-8.
+    pub fn cli_os(&self, token: Option<&str>, args: &[OsString]) -> Run {
+        let mut cmd = self.command(token);
+        cmd.args(args);
+        let shown: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        run(cmd, &shown.join(" "))
+    }
+
+    /// A gRPC client as the CLI builds it.
+    pub async fn client(&self, token: Option<&str>) -> Client {
+        client::connect(&self.addr(), token)
+            .await
+            .expect("connect to the node")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn logs(dir: &Path) -> String {
+    let mut out = String::new();
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("logs"))
+        .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    for f in files {
+        out.push_str(&format!("--- {} ---\n", f.display()));
+        out.push_str(&std::fs::read_to_string(&f).unwrap_or_default());
+    }
+    out
+}
+
+/// Starts `parley serve` in `<dir>/data`, logging to `<dir>/logs/run-N.log`, and waits
+/// until `node.json` names this child's pid.
+fn spawn(dir: &Path, n: u32) -> (Child, Bound) {
+    let data = dir.join("data");
+    let log = File::create(dir.join("logs").join(format!("run-{n}.log"))).expect("log file");
+    let log2 = log.try_clone().expect("log file");
+    let mut child = Command::new(BIN)
+        .env_remove("PARLEY_NODE")
+        .env_remove("PARLEY_TOKEN")
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&data)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--p2p",
+            "/ip4/127.0.0.1/tcp/0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2))
+        .spawn()
+        .expect("spawn parley serve");
+    let pid = child.id();
+    let file = data.join("node.json");
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Some(b) = std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Bound>(&b).ok())
+        {
+            if b.pid == pid {
+                return (child, b);
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("parley serve exited early ({status}):\n{}", logs(dir));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "parley serve did not write node.json within {START_TIMEOUT:?}:\n{}",
+                logs(dir)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A finished CLI run.
+#[derive(Debug)]
+pub struct Run {
+    pub what: String,
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// Asserts success; returns stdout without the trailing newline.
+    #[track_caller]
+    pub fn ok(&self) -> &str {
+        assert_eq!(
+            self.code, 0,
+            "`parley {}` failed:\n{}",
+            self.what, self.stderr
+        );
+        self.stdout.trim_end()
+    }
+
+    /// Asserts failure with `parley: CODE: ...` as the only stderr line and `exit` as
+    /// the exit code; returns the message.
+    #[track_caller]
+    pub fn fails(&self, code: &str, exit: i32) -> String {
+        let prefix = format!("parley: {code}: ");
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert!(
+            lines.len() == 1 && lines[0].starts_with(&prefix),
+            "`parley {}`: expected one stderr line `{prefix}...`, exit {exit}; got exit {}, stderr:\n{}stdout:\n{}",
+            self.what,
+            self.code,
+            self.stderr,
+            self.stdout
+        );
+        assert_eq!(
+            self.code, exit,
+            "`parley {}` exit code (stderr: {})",
+            self.what, self.stderr
+        );
+        lines[0][prefix.len()..].to_owned()
+    }
+
+    /// Stdout as JSON lines (asserts success and that every line is an object).
+    #[track_caller]
+    pub fn json(&self) -> Vec<serde_json::Value> {
+        self.ok()
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("`parley {}`: not JSON ({e}): {l}", self.what));
+                assert!(v.is_object(), "`parley {}`: not an object: {l}", self.what);
+                v
+            })
+            .collect()
+    }
+
+    /// The single JSON object printed.
+    #[track_caller]
+    pub fn json1(&self) -> serde_json::Value {
+        let mut v = self.json();
+        assert_eq!(
+            v.len(),
+            1,
+            "`parley {}`: expected one JSON line:\n{}",
+            self.what,
+            self.stdout
+        );
+        v.remove(0)
+    }
+}
+
+/// Runs a command to completion with a deadline (killing it by PID past that).
+pub fn run(mut cmd: Command, what: &str) -> Run {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn parley");
+    let (out_rx, err_rx) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let deadline = Instant::now() + CLI_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("`parley {what}` did not finish within {CLI_TIMEOUT:?}");
+            }
+        }
+    };
+    Run {
+        what: what.to_owned(),
+        code: status.code().unwrap_or(-1),
+        stdout: collect(out_rx),
+        stderr: collect(err_rx),
+    }
+}
+
+/// Reads a pipe to its end on a thread (so a chatty child never blocks on a full pipe).
+fn drain<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    if let Some(mut p) = pipe {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = p.read_to_end(&mut s);
+            let _ = tx.send(String::from_utf8_lossy(&s).into_owned());
+        });
+    }
+    rx
+}
+
+fn collect(rx: mpsc::Receiver<String>) -> String {
+    rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default()
+}
+
+/// Lines of a child's pipe, delivered as they are written.
+pub fn lines<R: std::io::Read + Send + 'static>(pipe: R) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (bounded) for a line containing `needle`; returns the lines seen until then.
+#[track_caller]
+pub fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let hit = l.contains(needle);
+                seen.push(l);
+                if hit {
+                    return seen;
+                }
+            }
+            Err(_) => panic!("no line containing {needle:?} within {within:?}; saw: {seen:?}"),
+        }
+    }
+}
+
+/// Waits (bounded) for a child to exit; kills it by PID and fails past the deadline.
+#[track_caller]
+pub fn wait_exit(child: &mut Child, within: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return s,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{what} did not exit within {within:?}");
+            }
+        }
+    }
+}
+
+/// Creates a user through the CLI; returns its token.
+pub fn user(node: &Node, name: &str) -> String {
+    let token = node.cli(None, &["user", "create", name]).ok().to_owned();
+    assert!(
+        !token.is_empty() && !token.contains('\n'),
+        "token for {name}: {token:?}"
+    );
+    token
+}
+
+/// A room's history as JSON messages (oldest first), as `who` sees it.
+pub fn history(node: &Node, token: &str, room: &str) -> Vec<serde_json::Value> {
+    node.cli(Some(token), &["--json", "history", room, "--limit", "1000"])
+        .json()
+}
+
+/// A room's members as (user, role) pairs, as `who` sees them (banned users excluded).
+pub fn members(node: &Node, token: &str, room: &str) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = node
+        .cli(Some(token), &["--json", "room", "members", room])
+        .json()
+        .into_iter()
+        .filter(|m| m["banned"] != serde_json::Value::Bool(true))
+        .map(|m| {
+            (
+                m["user"].as_str().unwrap_or_default().to_owned(),
+                m["role"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every message of a room, paging with `after` (bounded), oldest first.
+pub async fn all_messages(c: &mut Client, room: &str) -> Result<Vec<pb::Message>, tonic::Status> {
+    let mut out: Vec<pb::Message> = Vec::new();
+    let mut after = String::new();
+    for _ in 0..10_000 {
+        let page = c
+            .history(pb::HistoryRequest {
+                room: room.to_owned(),
+                limit: 1000,
+                after: after.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let Some(last) = page.messages.last() else {
+            break;
+        };
+        after = last.id.clone();
+        let more = page.more;
+        out.extend(page.messages);
+        if !more {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// `s` as an OS string (for [`Node::cli_os`]).
+pub fn os(s: impl AsRef<OsStr>) -> OsString {
+    s.as_ref().to_owned()
+}
