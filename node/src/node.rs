@@ -150,8 +150,14 @@ pub async fn run(
     let grpc = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(256)
         .tcp_nodelay(true)
-        .add_service(ChatServer::new(ChatService::new(ctx.clone())).max_decoding_message_size(1 << 20))
-        .add_service(ClusterServer::new(ClusterRaftService::new(groups.clone(), "parley", http_addr)))
+        .add_service(
+            ChatServer::new(ChatService::new(ctx.clone())).max_decoding_message_size(1 << 20),
+        )
+        .add_service(ClusterServer::new(ClusterRaftService::new(
+            groups.clone(),
+            "parley",
+            http_addr,
+        )))
         .add_service(health_service)
         .add_service(reflection);
     let mut stop = stop_rx.clone();
@@ -181,7 +187,12 @@ pub async fn run(
         });
     }
 
-    let bound = Bound { node_id: node.0, grpc: grpc_addr, http: http_addr, pid: std::process::id() };
+    let bound = Bound {
+        node_id: node.0,
+        grpc: grpc_addr,
+        http: http_addr,
+        pid: std::process::id(),
+    };
     let tmp = config.data_dir.join("node.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&bound)?)?;
     std::fs::rename(&tmp, &bound_file)?;
@@ -195,10 +206,8 @@ pub async fn run(
     tracing::info!(node = %node, "shutting down");
     let _ = std::fs::remove_file(&bound_file);
     let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(DRAIN, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let drained =
+        tokio::time::timeout(DRAIN, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tasks.abort_all();
     }
@@ -222,7 +231,10 @@ fn node_id(config: &Config) -> anyhow::Result<NodeId> {
     };
     let id = match (config.node_id, stored) {
         (Some(want), Some(have)) if want != have => {
-            anyhow::bail!("--node-id {want} but {} says this data dir belongs to node {have}", path.display())
+            anyhow::bail!(
+                "--node-id {want} but {} says this data dir belongs to node {have}",
+                path.display()
+            )
         }
         (Some(id), _) | (None, Some(id)) => id,
         (None, None) => u64::from(rand::random::<u32>().max(1)),
@@ -238,7 +250,11 @@ fn node_id(config: &Config) -> anyhow::Result<NodeId> {
 
 /// Turns applied Raft commands into membership events for subscribers, and forgets the
 /// timelines of deleted rooms. Runs on every replica.
-async fn applied_events(ctx: Arc<Ctx>, mut rx: broadcast::Receiver<AppliedEvent>, mut stop: watch::Receiver<bool>) {
+async fn applied_events(
+    ctx: Arc<Ctx>,
+    mut rx: broadcast::Receiver<AppliedEvent>,
+    mut stop: watch::Receiver<bool>,
+) {
     use parley_proto::v1 as pb;
     use pb::MembershipChange as C;
     loop {
@@ -249,20 +265,43 @@ async fn applied_events(ctx: Arc<Ctx>, mut rx: broadcast::Receiver<AppliedEvent>
         let ev = match ev {
             Ok(ev) => ev,
             Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "membership event stream lagged; some live events were not sent");
+                tracing::warn!(
+                    missed = n,
+                    "membership event stream lagged; some live events were not sent"
+                );
                 continue;
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
         let (room, user, change, by, role) = match (&ev.command, &ev.applied) {
             (_, Applied::Membership { changed: false, .. }) => continue,
-            (Command::Join { room, user, .. }, _) => (room, user, C::MembershipJoined, user, Role::Member),
-            (Command::Leave { room, user }, _) => (room, user, C::MembershipLeft, user, Role::Member),
-            (Command::Invite { room, by, user, .. }, _) => (room, user, C::MembershipInvited, by, Role::Member),
-            (Command::Kick { room, by, user }, _) => (room, user, C::MembershipKicked, by, Role::Member),
-            (Command::Ban { room, by, user, .. }, _) => (room, user, C::MembershipBanned, by, Role::Member),
-            (Command::Unban { room, by, user }, _) => (room, user, C::MembershipUnbanned, by, Role::Member),
-            (Command::SetRole { room, by, user, role }, _) => (room, user, C::MembershipRoleChanged, by, *role),
+            (Command::Join { room, user, .. }, _) => {
+                (room, user, C::MembershipJoined, user, Role::Member)
+            }
+            (Command::Leave { room, user }, _) => {
+                (room, user, C::MembershipLeft, user, Role::Member)
+            }
+            (Command::Invite { room, by, user, .. }, _) => {
+                (room, user, C::MembershipInvited, by, Role::Member)
+            }
+            (Command::Kick { room, by, user }, _) => {
+                (room, user, C::MembershipKicked, by, Role::Member)
+            }
+            (Command::Ban { room, by, user, .. }, _) => {
+                (room, user, C::MembershipBanned, by, Role::Member)
+            }
+            (Command::Unban { room, by, user }, _) => {
+                (room, user, C::MembershipUnbanned, by, Role::Member)
+            }
+            (
+                Command::SetRole {
+                    room,
+                    by,
+                    user,
+                    role,
+                },
+                _,
+            ) => (room, user, C::MembershipRoleChanged, by, *role),
             (Command::DeleteRoom { room, by }, _) => {
                 publish_membership(&ctx, room, by, C::MembershipRoomDeleted, by, Role::Member);
                 if let Err(e) = ctx.timelines.purge_room(room).await {
@@ -300,7 +339,10 @@ fn publish_membership(
     };
     ctx.hub.publish_live(
         room,
-        Arc::new(pb::Event { cursor: String::new(), kind: Some(pb::event::Kind::Membership(m)) }),
+        Arc::new(pb::Event {
+            cursor: String::new(),
+            kind: Some(pb::event::Kind::Membership(m)),
+        }),
     );
 }
 

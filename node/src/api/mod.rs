@@ -84,26 +84,31 @@ pub struct Ctx {
 impl Ctx {
     /// Finds a room by id or name, from the local replica or linearizably.
     pub async fn resolve_room(&self, room: &str, strong: bool) -> ApiResult<RoomRecord> {
+        /// How the room is named: its id lives in the id's partition, its name in the name's.
+        enum Key {
+            Id(RoomId),
+            Name(String),
+        }
+        impl Key {
+            fn find(&self, s: &State) -> Option<RoomRecord> {
+                match self {
+                    Key::Id(id) => s.room(id).cloned(),
+                    Key::Name(name) => s.room_by_name(name).cloned(),
+                }
+            }
+        }
         let room = room.trim();
-        let (p, find): (_, Box<dyn Fn(&State) -> Option<RoomRecord> + Send>) =
-            if RoomId::looks_like_id(room) {
-                let id = RoomId::parse(room)?;
-                (
-                    self.placement.of_room(&id),
-                    Box::new(move |s: &State| s.room(&id).cloned()),
-                )
-            } else {
-                validate_room_name(room)?;
-                let name = room.to_owned();
-                (
-                    self.placement.of_room_name(room),
-                    Box::new(move |s: &State| s.room_by_name(&name).cloned()),
-                )
-            };
-        let found = if strong {
-            self.groups.read_strong(p, find).await?
+        let (p, key) = if RoomId::looks_like_id(room) {
+            let id = RoomId::parse(room)?;
+            (self.placement.of_room(&id), Key::Id(id))
         } else {
-            self.groups.read(p, find)
+            validate_room_name(room)?;
+            (self.placement.of_room_name(room), Key::Name(room.to_owned()))
+        };
+        let found = if strong {
+            self.groups.read_strong(p, |s| key.find(s)).await?
+        } else {
+            self.groups.read(p, |s| key.find(s))
         };
         found.ok_or_else(|| ApiError::NotFound(format!("room {room} not found")))
     }
@@ -236,6 +241,8 @@ impl ChatService {
     }
 }
 
+// tonic's Status is large, and it is what every RPC returns.
+#[allow(clippy::result_large_err)]
 fn answer<T>(ctx: &Ctx, r: ApiResult<T>) -> Result<Response<T>, Status> {
     match r {
         Ok(v) => Ok(Response::new(v)),

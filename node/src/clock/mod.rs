@@ -34,7 +34,11 @@ pub struct Hlc {
 
 impl Hlc {
     pub fn new(node: u32, offset_ms: i64) -> Self {
-        Self { node, offset_ms, inner: Mutex::new(Inner::default()) }
+        Self {
+            node,
+            offset_ms,
+            inner: Mutex::new(Inner::default()),
+        }
     }
 
     /// Wall-clock ms as this node sees it.
@@ -93,7 +97,10 @@ mod tests {
         }
         let future = MessageId::new(c.wall_ms() + 60_000, 5, 1, 1);
         let n = c.next(Some(future));
-        assert!(n > future, "next id must sort after the client's last-seen id");
+        assert!(
+            n > future,
+            "next id must sort after the client's last-seen id"
+        );
         assert_eq!(n.node(), 7);
     }
 

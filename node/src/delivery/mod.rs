@@ -146,7 +146,9 @@ impl Cursor {
                 .split_once('=')
                 .ok_or_else(|| CursorError(format!("expected room=id, got {part:?}")))?;
             let room = RoomId::parse(r).map_err(|e| CursorError(e.to_string()))?;
-            let id: MessageId = id.parse().map_err(|e: crate::ids::IdError| CursorError(e.to_string()))?;
+            let id: MessageId = id
+                .parse()
+                .map_err(|e: crate::ids::IdError| CursorError(e.to_string()))?;
             map.insert(room, id);
         }
         Ok(Self(map))

@@ -22,7 +22,10 @@ pub struct IdError {
 }
 
 fn id_err(kind: &'static str, reason: impl Into<String>) -> IdError {
-    IdError { kind, reason: reason.into() }
+    IdError {
+        kind,
+        reason: reason.into(),
+    }
 }
 
 /// A user, identified by the user's unique name.
@@ -35,7 +38,8 @@ impl UserId {
         if name.is_empty() || name.len() > 32 {
             return Err(id_err("user name", "must be 1 to 32 characters"));
         }
-        let first_ok = name.as_bytes()[0].is_ascii_lowercase() || name.as_bytes()[0].is_ascii_digit();
+        let first_ok =
+            name.as_bytes()[0].is_ascii_lowercase() || name.as_bytes()[0].is_ascii_digit();
         let all_ok = name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
@@ -67,11 +71,16 @@ impl RoomId {
     pub fn parse(s: &str) -> Result<Self, IdError> {
         let ok = s.len() == 19
             && (s.starts_with("rm_") || s.starts_with("dm_"))
-            && s[3..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            && s[3..]
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if ok {
             Ok(Self(s.to_owned()))
         } else {
-            Err(id_err("room id", "expected rm_ or dm_ followed by 16 hex digits"))
+            Err(id_err(
+                "room id",
+                "expected rm_ or dm_ followed by 16 hex digits",
+            ))
         }
     }
 
@@ -131,7 +140,9 @@ pub fn validate_room_name(name: &str) -> Result<(), IdError> {
         return Err(id_err("room name", "must be 1 to 64 characters"));
     }
     let first_ok = name.as_bytes()[0].is_ascii_lowercase() || name.as_bytes()[0].is_ascii_digit();
-    let all_ok = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let all_ok = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if !first_ok || !all_ok {
         return Err(id_err(
             "room name",
@@ -210,7 +221,9 @@ impl fmt::Display for GroupId {
 
 /// A timeline entry id: physical ms (48 bits), logical counter (16), origin node (32),
 /// sequence (32). Its numeric order is its hex order is timeline order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 pub struct MessageId(pub u128);
 
 impl MessageId {
@@ -260,7 +273,11 @@ impl FromStr for MessageId {
     type Err = IdError;
 
     fn from_str(s: &str) -> Result<Self, IdError> {
-        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if s.len() != 32
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(id_err("message id", "expected 32 lowercase hex digits"));
         }
         u128::from_str_radix(s, 16)

@@ -14,7 +14,9 @@ pub struct Placement {
 
 impl Placement {
     pub fn new(partitions: u32) -> Self {
-        Self { partitions: partitions.max(1) }
+        Self {
+            partitions: partitions.max(1),
+        }
     }
 
     pub fn of_room(&self, room: &RoomId) -> PartitionId {

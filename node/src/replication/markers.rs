@@ -23,12 +23,21 @@ fn key(room: &RoomId, user: &UserId) -> Vec<u8> {
 
 impl Markers {
     pub fn open(db: &Db) -> Result<Self, StoreError> {
-        Ok(Self { db: db.clone(), tree: db.tree("markers")?, lock: Arc::new(Mutex::new(())) })
+        Ok(Self {
+            db: db.clone(),
+            tree: db.tree("markers")?,
+            lock: Arc::new(Mutex::new(())),
+        })
     }
 
     /// Moves the marker to `id` if that is later; returns the marker after the call.
     /// Durable before it returns.
-    pub async fn mark(&self, room: &RoomId, user: &UserId, id: MessageId) -> Result<MessageId, StoreError> {
+    pub async fn mark(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        id: MessageId,
+    ) -> Result<MessageId, StoreError> {
         let now = {
             let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
             let cur = self.get(room, user)?;
@@ -44,13 +53,20 @@ impl Markers {
 
     pub fn get(&self, room: &RoomId, user: &UserId) -> Result<Option<MessageId>, StoreError> {
         match self.tree.get(key(room, user))? {
-            Some(v) => MessageId::from_bytes(&v).map(Some).map_err(|e| self.tree.corrupt(e.to_string())),
+            Some(v) => MessageId::from_bytes(&v)
+                .map(Some)
+                .map_err(|e| self.tree.corrupt(e.to_string())),
             None => Ok(None),
         }
     }
 
     /// Of `members`, those whose marker is at or after `id`.
-    pub fn readers(&self, room: &RoomId, id: MessageId, members: &[UserId]) -> Result<Vec<UserId>, StoreError> {
+    pub fn readers(
+        &self,
+        room: &RoomId,
+        id: MessageId,
+        members: &[UserId],
+    ) -> Result<Vec<UserId>, StoreError> {
         let mut out = Vec::new();
         for u in members {
             if self.get(room, u)?.is_some_and(|m| m >= id) {
@@ -79,11 +95,23 @@ mod tests {
         let db = Db::temporary().unwrap();
         let m = Markers::open(&db).unwrap();
         let r = RoomId::parse("rm_0000000000000001").unwrap();
-        let (a, b) = (UserId::parse("alice").unwrap(), UserId::parse("bob").unwrap());
+        let (a, b) = (
+            UserId::parse("alice").unwrap(),
+            UserId::parse("bob").unwrap(),
+        );
         assert_eq!(m.mark(&r, &a, MessageId(10)).await.unwrap(), MessageId(10));
         assert_eq!(m.mark(&r, &a, MessageId(5)).await.unwrap(), MessageId(10));
         assert_eq!(m.mark(&r, &b, MessageId(7)).await.unwrap(), MessageId(7));
-        assert_eq!(m.readers(&r, MessageId(8), &[a.clone(), b.clone()]).unwrap(), vec![a.clone()]);
-        assert_eq!(m.readers(&r, MessageId(7), &[a.clone(), b.clone()]).unwrap().len(), 2);
+        assert_eq!(
+            m.readers(&r, MessageId(8), &[a.clone(), b.clone()])
+                .unwrap(),
+            vec![a.clone()]
+        );
+        assert_eq!(
+            m.readers(&r, MessageId(7), &[a.clone(), b.clone()])
+                .unwrap()
+                .len(),
+            2
+        );
     }
 }

@@ -39,14 +39,25 @@ pub struct Presence {
 
 impl Presence {
     pub fn new(ttl: Duration) -> Self {
-        Self { ttl, users: Arc::default(), typing: Arc::default() }
+        Self {
+            ttl,
+            users: Arc::default(),
+            typing: Arc::default(),
+        }
     }
 
     /// Sets the user's status (a heartbeat). Returns true if the visible status changed.
     pub fn set(&self, user: &UserId, status: Status, now_ms: u64) -> bool {
         let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
         let before = users.get(user).map(|e| self.visible(e));
-        users.insert(user.clone(), Entry { status, heartbeat: Instant::now(), last_seen_ms: now_ms });
+        users.insert(
+            user.clone(),
+            Entry {
+                status,
+                heartbeat: Instant::now(),
+                last_seen_ms: now_ms,
+            },
+        );
         before != Some(status)
     }
 
@@ -61,7 +72,9 @@ impl Presence {
     /// The user's visible status and last-seen time (ms; 0 = never seen).
     pub fn get(&self, user: &UserId) -> (Status, u64) {
         let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
-        users.get(user).map_or((Status::Offline, 0), |e| (self.visible(e), e.last_seen_ms))
+        users
+            .get(user)
+            .map_or((Status::Offline, 0), |e| (self.visible(e), e.last_seen_ms))
     }
 
     /// Users whose TTL ran out since the last call: they are now offline.

@@ -69,7 +69,11 @@ pub struct ChunkLimits {
 
 impl Default for ChunkLimits {
     fn default() -> Self {
-        Self { max_entries: 10_000, max_bytes: 4 * 1024 * 1024, compact_every: 2_000 }
+        Self {
+            max_entries: 10_000,
+            max_bytes: 4 * 1024 * 1024,
+            compact_every: 2_000,
+        }
     }
 }
 
@@ -152,7 +156,9 @@ fn key(tag: u8, room: &RoomId, rest: &[&[u8]]) -> Vec<u8> {
 }
 
 fn id_from_key(k: &[u8]) -> Option<MessageId> {
-    k.len().checked_sub(16).and_then(|s| MessageId::from_bytes(&k[s..]).ok())
+    k.len()
+        .checked_sub(16)
+        .and_then(|s| MessageId::from_bytes(&k[s..]).ok())
 }
 
 impl Timelines {
@@ -189,18 +195,26 @@ impl Timelines {
         Ok(())
     }
 
-    fn load_locked<'a>(&self, room: &RoomId, g: &'a mut Option<RoomDoc>) -> Result<&'a mut RoomDoc, TimelineError> {
+    fn load_locked<'a>(
+        &self,
+        room: &RoomId,
+        g: &'a mut Option<RoomDoc>,
+    ) -> Result<&'a mut RoomDoc, TimelineError> {
         if g.is_none() {
             *g = Some(self.load(room)?);
         }
-        g.as_mut().ok_or_else(|| TimelineError::Storage(StoreError::Closed))
+        g.as_mut()
+            .ok_or(TimelineError::Storage(StoreError::Closed))
     }
 
     fn load(&self, room: &RoomId) -> Result<RoomDoc, TimelineError> {
         let t = &self.inner.tree;
         let chunk = match t.get(key(b'h', room, &[]))? {
             Some(v) => {
-                let b: [u8; 4] = v.as_slice().try_into().map_err(|_| t.corrupt("chunk number"))?;
+                let b: [u8; 4] = v
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| t.corrupt("chunk number"))?;
                 u32::from_be_bytes(b)
             }
             None => 0,
@@ -210,7 +224,8 @@ impl Timelines {
         let mut doc = match t.get(key(b's', room, &[&cb]))? {
             Some(full) => {
                 bytes += full.len();
-                AutoCommit::load(&full).map_err(|e| t.corrupt(format!("chunk {chunk} of {room}: {e}")))?
+                AutoCommit::load(&full)
+                    .map_err(|e| t.corrupt(format!("chunk {chunk} of {room}: {e}")))?
             }
             None => AutoCommit::new(),
         };
@@ -239,7 +254,14 @@ impl Timelines {
             }
         }
         self.inner.hub.register(room, durable);
-        Ok(RoomDoc { chunk, doc, entries, bytes, next_seq, since_compact })
+        Ok(RoomDoc {
+            chunk,
+            doc,
+            entries,
+            bytes,
+            next_seq,
+            since_compact,
+        })
     }
 
     /// Puts one entry into the open chunk and writes it with `batch` atomically, then
@@ -279,7 +301,11 @@ impl Timelines {
             self.compact(room, rd)?;
         }
         let (done, rx) = oneshot::channel();
-        let commit = Commit { room: room.clone(), events: vec![(id, Arc::new(event))], done };
+        let commit = Commit {
+            room: room.clone(),
+            events: vec![(id, Arc::new(event))],
+            done,
+        };
         self.inner
             .commit_tx
             .send(commit)
@@ -307,16 +333,28 @@ impl Timelines {
     fn seal(&self, room: &RoomId, rd: &mut RoomDoc) -> Result<(), TimelineError> {
         self.compact(room, rd)?;
         let next = rd.chunk + 1;
-        self.inner.tree.insert(key(b'h', room, &[]), next.to_be_bytes())?;
+        self.inner
+            .tree
+            .insert(key(b'h', room, &[]), next.to_be_bytes())?;
         let mut doc = AutoCommit::new();
         doc.set_actor(automerge::ActorId::random());
-        *rd = RoomDoc { chunk: next, doc, entries: 0, bytes: 0, next_seq: 0, since_compact: 0 };
+        *rd = RoomDoc {
+            chunk: next,
+            doc,
+            entries: 0,
+            bytes: 0,
+            next_seq: 0,
+            since_compact: 0,
+        };
         tracing::debug!(room = %room, chunk = next, "sealed timeline chunk");
         Ok(())
     }
 
-    async fn wait_durable(rx: oneshot::Receiver<Result<(), StoreError>>) -> Result<(), TimelineError> {
-        rx.await.map_err(|_| TimelineError::Storage(StoreError::Closed))??;
+    async fn wait_durable(
+        rx: oneshot::Receiver<Result<(), StoreError>>,
+    ) -> Result<(), TimelineError> {
+        rx.await
+            .map_err(|_| TimelineError::Storage(StoreError::Closed))??;
         Ok(())
     }
 
@@ -335,11 +373,16 @@ impl Timelines {
             });
             if let Some(kk) = &k_key {
                 if let Some(v) = self.inner.tree.get(kk)? {
-                    let id = MessageId::from_bytes(&v).map_err(|e| self.inner.tree.corrupt(e.to_string()))?;
+                    let id = MessageId::from_bytes(&v)
+                        .map_err(|e| self.inner.tree.corrupt(e.to_string()))?;
                     drop(g);
                     // The first send may still be in flight: answer only once it is durable.
                     self.inner.db.flush().await?;
-                    return Ok(Appended { id, sent_at: id.physical_ms(), duplicate: true });
+                    return Ok(Appended {
+                        id,
+                        sent_at: id.physical_ms(),
+                        duplicate: true,
+                    });
                 }
             }
             let id = self.inner.hlc.next(m.after);
@@ -357,28 +400,42 @@ impl Timelines {
             if let Some(kk) = &k_key {
                 batch.insert(kk, id.to_bytes());
             }
-            let entry = TimelineEntry { kind: Some(timeline_entry::Kind::Message(msg.clone())) };
-            let event = Event { cursor: String::new(), kind: Some(event::Kind::Message(msg)) };
+            let entry = TimelineEntry {
+                kind: Some(timeline_entry::Kind::Message(msg.clone())),
+            };
+            let event = Event {
+                cursor: String::new(),
+                kind: Some(event::Kind::Message(msg)),
+            };
             let rx = self.commit_entry(&m.room, rd, id, &entry, batch, event)?;
             (rx, id)
         };
         let (rx, id) = rx;
         Self::wait_durable(rx).await?;
-        Ok(Appended { id, sent_at: id.physical_ms(), duplicate: false })
+        Ok(Appended {
+            id,
+            sent_at: id.physical_ms(),
+            duplicate: false,
+        })
     }
 
     fn read_message(&self, room: &RoomId, id: MessageId) -> Result<Option<Message>, TimelineError> {
         let t = &self.inner.tree;
         match t.get(key(b'm', room, &[&id.to_bytes()]))? {
             Some(v) => Ok(Some(
-                Message::decode(v.as_slice()).map_err(|e| t.corrupt(format!("message {id}: {e}")))?,
+                Message::decode(v.as_slice())
+                    .map_err(|e| t.corrupt(format!("message {id}: {e}")))?,
             )),
             None => Ok(None),
         }
     }
 
     /// Looks up one message (above-watermark entries are invisible).
-    pub fn get_message(&self, room: &RoomId, id: MessageId) -> Result<Option<Message>, TimelineError> {
+    pub fn get_message(
+        &self,
+        room: &RoomId,
+        id: MessageId,
+    ) -> Result<Option<Message>, TimelineError> {
         if self.inner.hub.watermark(room).is_some_and(|w| id > w) {
             return Ok(None);
         }
@@ -392,40 +449,69 @@ impl Timelines {
         &self,
         room: &RoomId,
         target: MessageId,
-        change: impl FnOnce(&mut Message, MessageId) -> Result<(timeline_entry::Kind, event::Kind), TimelineError>,
+        change: impl FnOnce(
+            &mut Message,
+            MessageId,
+        ) -> Result<(timeline_entry::Kind, event::Kind), TimelineError>,
     ) -> Result<Appended, TimelineError> {
         let slot = self.slot(room);
         let (rx, id) = {
             let mut g = slot.lock().await;
             let rd = self.load_locked(room, &mut g)?;
-            let mut msg = self
-                .read_message(room, target)?
-                .ok_or_else(|| TimelineError::NotFound { what: format!("message {target}") })?;
+            let mut msg =
+                self.read_message(room, target)?
+                    .ok_or_else(|| TimelineError::NotFound {
+                        what: format!("message {target}"),
+                    })?;
             let id = self.inner.hlc.next(Some(target));
             let (entry_kind, event_kind) = change(&mut msg, id)?;
             let mut batch = Batch::default();
             batch.insert(key(b'm', room, &[&target.to_bytes()]), msg.encode_to_vec());
-            let entry = TimelineEntry { kind: Some(entry_kind) };
-            let event = Event { cursor: String::new(), kind: Some(event_kind) };
+            let entry = TimelineEntry {
+                kind: Some(entry_kind),
+            };
+            let event = Event {
+                cursor: String::new(),
+                kind: Some(event_kind),
+            };
             (self.commit_entry(room, rd, id, &entry, batch, event)?, id)
         };
         Self::wait_durable(rx).await?;
-        Ok(Appended { id, sent_at: id.physical_ms(), duplicate: false })
+        Ok(Appended {
+            id,
+            sent_at: id.physical_ms(),
+            duplicate: false,
+        })
     }
 
     /// Edits the editor's own message (last writer wins by entry id).
-    pub async fn edit(&self, room: &RoomId, editor: &UserId, target: MessageId, text: String) -> Result<Appended, TimelineError> {
+    pub async fn edit(
+        &self,
+        room: &RoomId,
+        editor: &UserId,
+        target: MessageId,
+        text: String,
+    ) -> Result<Appended, TimelineError> {
         self.amend(room, target, |msg, id| {
             if msg.sender != editor.as_str() {
-                return Err(TimelineError::PermissionDenied { reason: "you can only edit your own messages".into() });
+                return Err(TimelineError::PermissionDenied {
+                    reason: "you can only edit your own messages".into(),
+                });
             }
             if msg.deleted {
-                return Err(TimelineError::Precondition { reason: format!("message {target} is deleted") });
+                return Err(TimelineError::Precondition {
+                    reason: format!("message {target} is deleted"),
+                });
             }
             let at = id.physical_ms() as i64;
             msg.text = text.clone();
             msg.edited_at = at;
-            let entry = EditEntry { target: target.to_string(), text: text.clone(), editor: editor.to_string(), at };
+            let entry = EditEntry {
+                target: target.to_string(),
+                text: text.clone(),
+                editor: editor.to_string(),
+                at,
+            };
             let ev = MessageEdited {
                 room_id: room.to_string(),
                 message_id: target.to_string(),
@@ -440,7 +526,13 @@ impl Timelines {
 
     /// Deletes a message (its author, or a room admin): a tombstone; the text is dropped
     /// from the history index.
-    pub async fn delete(&self, room: &RoomId, by: &UserId, is_admin: bool, target: MessageId) -> Result<Appended, TimelineError> {
+    pub async fn delete(
+        &self,
+        room: &RoomId,
+        by: &UserId,
+        is_admin: bool,
+        target: MessageId,
+    ) -> Result<Appended, TimelineError> {
         self.amend(room, target, |msg, id| {
             if msg.sender != by.as_str() && !is_admin {
                 return Err(TimelineError::PermissionDenied {
@@ -448,23 +540,45 @@ impl Timelines {
                 });
             }
             if msg.deleted {
-                return Err(TimelineError::Precondition { reason: format!("message {target} is already deleted") });
+                return Err(TimelineError::Precondition {
+                    reason: format!("message {target} is already deleted"),
+                });
             }
             msg.deleted = true;
             msg.text.clear();
             msg.reactions.clear();
-            let entry = DeleteEntry { target: target.to_string(), by: by.to_string(), at: id.physical_ms() as i64 };
-            let ev = MessageDeleted { room_id: room.to_string(), message_id: target.to_string(), deleted_by: by.to_string() };
-            Ok((timeline_entry::Kind::Delete(entry), event::Kind::Deleted(ev)))
+            let entry = DeleteEntry {
+                target: target.to_string(),
+                by: by.to_string(),
+                at: id.physical_ms() as i64,
+            };
+            let ev = MessageDeleted {
+                room_id: room.to_string(),
+                message_id: target.to_string(),
+                deleted_by: by.to_string(),
+            };
+            Ok((
+                timeline_entry::Kind::Delete(entry),
+                event::Kind::Deleted(ev),
+            ))
         })
         .await
     }
 
     /// Adds or removes the user's reaction to a message.
-    pub async fn react(&self, room: &RoomId, user: &UserId, target: MessageId, emoji: String, remove: bool) -> Result<Appended, TimelineError> {
+    pub async fn react(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        target: MessageId,
+        emoji: String,
+        remove: bool,
+    ) -> Result<Appended, TimelineError> {
         self.amend(room, target, |msg, id| {
             if msg.deleted {
-                return Err(TimelineError::Precondition { reason: format!("message {target} is deleted") });
+                return Err(TimelineError::Precondition {
+                    reason: format!("message {target} is deleted"),
+                });
             }
             let pos = msg.reactions.iter().position(|r| r.emoji == emoji);
             match (pos, remove) {
@@ -480,7 +594,10 @@ impl Timelines {
                         msg.reactions[i].users.push(user.to_string());
                     }
                 }
-                (None, false) => msg.reactions.push(Reaction { emoji: emoji.clone(), users: vec![user.to_string()] }),
+                (None, false) => msg.reactions.push(Reaction {
+                    emoji: emoji.clone(),
+                    users: vec![user.to_string()],
+                }),
             }
             let entry = ReactionEntry {
                 target: target.to_string(),
@@ -496,31 +613,53 @@ impl Timelines {
                 emoji,
                 removed: remove,
             };
-            Ok((timeline_entry::Kind::Reaction(entry), event::Kind::Reaction(ev)))
+            Ok((
+                timeline_entry::Kind::Reaction(entry),
+                event::Kind::Reaction(ev),
+            ))
         })
         .await
     }
 
     fn upper(&self, room: &RoomId) -> MessageId {
-        self.inner.hub.watermark(room).unwrap_or(MessageId(u128::MAX))
+        self.inner
+            .hub
+            .watermark(room)
+            .unwrap_or(MessageId(u128::MAX))
     }
 
     /// A page of history, oldest first, and whether more exist in the direction asked.
-    pub fn history(&self, room: &RoomId, q: &HistoryQuery) -> Result<(Vec<Message>, bool), TimelineError> {
+    pub fn history(
+        &self,
+        room: &RoomId,
+        q: &HistoryQuery,
+    ) -> Result<(Vec<Message>, bool), TimelineError> {
         let t = &self.inner.tree;
         let limit = q.limit.clamp(1, 1000);
         let upper = self.upper(room);
         let hi = key(b'm', room, &[&upper.to_bytes()]);
         let lo_all = key(b'm', room, &[]);
         let rows = if let Some(before) = q.before {
-            let end = key(b'm', room, &[&before.min(MessageId(upper.0.saturating_add(1))).to_bytes()]);
+            let end = key(
+                b'm',
+                room,
+                &[&before.min(MessageId(upper.0.saturating_add(1))).to_bytes()],
+            );
             let mut rows = t.range_rev(lo_all..end, limit + 1)?;
             rows.reverse();
             rows
-        } else if let Some(after) = q.after.or(q.since_ms.map(|ms| MessageId(MessageId::floor_of_ms(ms).0.saturating_sub(1)))) {
+        } else if let Some(after) = q.after.or(q
+            .since_ms
+            .map(|ms| MessageId(MessageId::floor_of_ms(ms).0.saturating_sub(1))))
+        {
             let start = key(b'm', room, &[&after.to_bytes()]);
-            let rows = t.range((std::ops::Bound::Excluded(start), std::ops::Bound::Included(hi)), limit + 1)?;
-            rows
+            t.range(
+                (
+                    std::ops::Bound::Excluded(start),
+                    std::ops::Bound::Included(hi),
+                ),
+                limit + 1,
+            )?
         } else {
             let mut rows = t.range_rev(lo_all..=hi, limit + 1)?;
             rows.reverse();
@@ -538,24 +677,39 @@ impl Timelines {
         };
         let mut out = Vec::with_capacity(rows.len());
         for (_, v) in rows {
-            out.push(Message::decode(v.as_slice()).map_err(|e| t.corrupt(format!("message: {e}")))?);
+            out.push(
+                Message::decode(v.as_slice()).map_err(|e| t.corrupt(format!("message: {e}")))?,
+            );
         }
         Ok((out, more))
     }
 
     /// Durable timeline entries of a room with `after < id <= upto`, as events, at most `limit`.
-    pub fn replay(&self, room: &RoomId, after: MessageId, upto: MessageId, limit: usize) -> Result<Vec<(MessageId, Event)>, TimelineError> {
+    pub fn replay(
+        &self,
+        room: &RoomId,
+        after: MessageId,
+        upto: MessageId,
+        limit: usize,
+    ) -> Result<Vec<(MessageId, Event)>, TimelineError> {
         let t = &self.inner.tree;
         if upto <= after {
             return Ok(Vec::new());
         }
         let start = key(b'e', room, &[&after.to_bytes()]);
         let end = key(b'e', room, &[&upto.to_bytes()]);
-        let rows = t.range((std::ops::Bound::Excluded(start), std::ops::Bound::Included(end)), limit)?;
+        let rows = t.range(
+            (
+                std::ops::Bound::Excluded(start),
+                std::ops::Bound::Included(end),
+            ),
+            limit,
+        )?;
         let mut out = Vec::with_capacity(rows.len());
         for (k, v) in rows {
             let id = id_from_key(&k).ok_or_else(|| t.corrupt("entry key"))?;
-            let entry = TimelineEntry::decode(v.as_slice()).map_err(|e| t.corrupt(format!("entry {id}: {e}")))?;
+            let entry = TimelineEntry::decode(v.as_slice())
+                .map_err(|e| t.corrupt(format!("entry {id}: {e}")))?;
             if let Some(ev) = entry_event(room, entry) {
                 out.push((id, ev));
             }
@@ -612,7 +766,10 @@ fn entry_event(room: &RoomId, entry: TimelineEntry) -> Option<Event> {
             removed: r.remove,
         }),
     };
-    Some(Event { cursor: String::new(), kind: Some(kind) })
+    Some(Event {
+        cursor: String::new(),
+        kind: Some(kind),
+    })
 }
 
 /// Takes every queued commit, flushes once, then publishes and acknowledges them in
@@ -659,7 +816,13 @@ mod tests {
     }
 
     fn msg(r: &RoomId, text: &str, cid: &str) -> NewMessage {
-        NewMessage { room: r.clone(), sender: user("alice"), text: text.into(), client_msg_id: cid.into(), after: None }
+        NewMessage {
+            room: r.clone(),
+            sender: user("alice"),
+            text: text.into(),
+            client_msg_id: cid.into(),
+            after: None,
+        }
     }
 
     #[tokio::test]
@@ -673,20 +836,73 @@ mod tests {
         assert!(b.id > a.id);
         assert!(again.duplicate);
         assert_eq!(again.id, a.id);
-        let (page, more) = tl.history(&r, &HistoryQuery { limit: 10, ..Default::default() }).unwrap();
+        let (page, more) = tl
+            .history(
+                &r,
+                &HistoryQuery {
+                    limit: 10,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         assert!(!more);
-        assert_eq!(page.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["one", "two"]);
-        let (page, more) = tl.history(&r, &HistoryQuery { limit: 1, ..Default::default() }).unwrap();
+        assert_eq!(
+            page.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(),
+            ["one", "two"]
+        );
+        let (page, more) = tl
+            .history(
+                &r,
+                &HistoryQuery {
+                    limit: 1,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         assert!(more);
         assert_eq!(page[0].text, "two");
-        let (page, _) = tl.history(&r, &HistoryQuery { limit: 10, before: Some(b.id), ..Default::default() }).unwrap();
+        let (page, _) = tl
+            .history(
+                &r,
+                &HistoryQuery {
+                    limit: 10,
+                    before: Some(b.id),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         assert_eq!(page.len(), 1);
-        let (page, _) = tl.history(&r, &HistoryQuery { limit: 10, after: Some(a.id), ..Default::default() }).unwrap();
+        let (page, _) = tl
+            .history(
+                &r,
+                &HistoryQuery {
+                    limit: 10,
+                    after: Some(a.id),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         assert_eq!(page[0].text, "two");
-        let (page, _) = tl.history(&r, &HistoryQuery { limit: 10, since_ms: Some(a.sent_at), ..Default::default() }).unwrap();
+        let (page, _) = tl
+            .history(
+                &r,
+                &HistoryQuery {
+                    limit: 10,
+                    since_ms: Some(a.sent_at),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         assert_eq!(page.len(), 2);
         let (page, _) = tl
-            .history(&r, &HistoryQuery { limit: 10, since_ms: Some(b.sent_at + 60_000), ..Default::default() })
+            .history(
+                &r,
+                &HistoryQuery {
+                    limit: 10,
+                    since_ms: Some(b.sent_at + 60_000),
+                    ..Default::default()
+                },
+            )
             .unwrap();
         assert!(page.is_empty());
     }
@@ -697,12 +913,23 @@ mod tests {
         let (_db, tl, _hub) = open(dir.path(), ChunkLimits::default()).await;
         let r = room(2);
         let a = tl.send(msg(&r, "hello", "")).await.unwrap();
-        let err = tl.edit(&r, &user("bob"), a.id, "hijack".into()).await.unwrap_err();
+        let err = tl
+            .edit(&r, &user("bob"), a.id, "hijack".into())
+            .await
+            .unwrap_err();
         assert!(matches!(err, TimelineError::PermissionDenied { .. }));
-        tl.edit(&r, &user("alice"), a.id, "hello!".into()).await.unwrap();
-        tl.react(&r, &user("bob"), a.id, "👍".into(), false).await.unwrap();
-        tl.react(&r, &user("carol"), a.id, "👍".into(), false).await.unwrap();
-        tl.react(&r, &user("bob"), a.id, "👍".into(), true).await.unwrap();
+        tl.edit(&r, &user("alice"), a.id, "hello!".into())
+            .await
+            .unwrap();
+        tl.react(&r, &user("bob"), a.id, "👍".into(), false)
+            .await
+            .unwrap();
+        tl.react(&r, &user("carol"), a.id, "👍".into(), false)
+            .await
+            .unwrap();
+        tl.react(&r, &user("bob"), a.id, "👍".into(), true)
+            .await
+            .unwrap();
         let m = tl.get_message(&r, a.id).unwrap().unwrap();
         assert_eq!(m.text, "hello!");
         assert!(m.edited_at > 0);
@@ -711,34 +938,62 @@ mod tests {
         tl.delete(&r, &user("bob"), true, a.id).await.unwrap();
         let m = tl.get_message(&r, a.id).unwrap().unwrap();
         assert!(m.deleted && m.text.is_empty());
-        let all = tl.replay(&r, MessageId::MIN, MessageId(u128::MAX), 100).unwrap();
+        let all = tl
+            .replay(&r, MessageId::MIN, MessageId(u128::MAX), 100)
+            .unwrap();
         assert_eq!(all.len(), 6, "message, edit, 3 reactions, delete");
         assert!(all.windows(2).all(|w| w[0].0 < w[1].0));
         let after_first = tl.replay(&r, all[0].0, MessageId(u128::MAX), 100).unwrap();
         assert_eq!(after_first.len(), 5);
-        assert!(tl.edit(&r, &user("alice"), MessageId(7), "x".into()).await.is_err());
+        assert!(tl
+            .edit(&r, &user("alice"), MessageId(7), "x".into())
+            .await
+            .is_err());
     }
 
     #[tokio::test]
     async fn chunks_seal_and_everything_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let limits = ChunkLimits { max_entries: 25, max_bytes: 1 << 20, compact_every: 7 };
+        let limits = ChunkLimits {
+            max_entries: 25,
+            max_bytes: 1 << 20,
+            compact_every: 7,
+        };
         let r = room(3);
         let mut ids = Vec::new();
         {
             let (db, tl, _hub) = open(dir.path(), limits).await;
             for i in 0..60 {
-                ids.push(tl.send(msg(&r, &format!("m{i}"), &format!("c{i}"))).await.unwrap().id);
+                ids.push(
+                    tl.send(msg(&r, &format!("m{i}"), &format!("c{i}")))
+                        .await
+                        .unwrap()
+                        .id,
+                );
             }
             db.flush().await.unwrap();
         }
         // sled allows one opener per directory; wait for the previous handle to close.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let (_db, tl, hub) = open(dir.path(), limits).await;
-        let (page, _) = tl.history(&r, &HistoryQuery { limit: 100, ..Default::default() }).unwrap();
-        assert_eq!(page.iter().map(|m| m.id.clone()).collect::<Vec<_>>(), ids.iter().map(|i| i.to_string()).collect::<Vec<_>>());
+        let (page, _) = tl
+            .history(
+                &r,
+                &HistoryQuery {
+                    limit: 100,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            page.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
+            ids.iter().map(|i| i.to_string()).collect::<Vec<_>>()
+        );
         let next = tl.send(msg(&r, "after restart", "")).await.unwrap();
-        assert!(next.id > *ids.last().unwrap(), "ids keep increasing across restarts");
+        assert!(
+            next.id > *ids.last().unwrap(),
+            "ids keep increasing across restarts"
+        );
         let dup = tl.send(msg(&r, "m3 again", "c3")).await.unwrap();
         assert!(dup.duplicate && dup.id == ids[3]);
         assert_eq!(hub.watermark(&r), Some(next.id));

@@ -70,11 +70,18 @@ impl Db {
         let (flush_tx, flush_rx) = mpsc::unbounded_channel();
         let stats = Arc::new(FlushStats::default());
         tokio::spawn(group_commit(inner.clone(), flush_rx, stats.clone()));
-        Self { inner, flush_tx, stats }
+        Self {
+            inner,
+            flush_tx,
+            stats,
+        }
     }
 
     pub fn tree(&self, name: &str) -> Result<Tree> {
-        Ok(Tree { inner: self.inner.open_tree(name)?, name: name.to_owned() })
+        Ok(Tree {
+            inner: self.inner.open_tree(name)?,
+            name: name.to_owned(),
+        })
     }
 
     /// Makes every write that completed before this call durable. Concurrent callers are
@@ -104,7 +111,11 @@ impl Db {
 /// One task owns the fsync: it takes every waiter queued so far, flushes once, answers all.
 /// A waiter that arrived during a flush is served by the next one, whose flush started
 /// after its write.
-async fn group_commit(db: sled::Db, mut rx: mpsc::UnboundedReceiver<Waiter>, stats: Arc<FlushStats>) {
+async fn group_commit(
+    db: sled::Db,
+    mut rx: mpsc::UnboundedReceiver<Waiter>,
+    stats: Arc<FlushStats>,
+) {
     use std::sync::atomic::Ordering::Relaxed;
     while let Some(first) = rx.recv().await {
         let mut waiters = vec![first];
@@ -254,7 +265,10 @@ impl Tree {
     }
 
     pub fn corrupt(&self, reason: impl Into<String>) -> StoreError {
-        StoreError::Corrupt { tree: self.name.clone(), reason: reason.into() }
+        StoreError::Corrupt {
+            tree: self.name.clone(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -276,7 +290,12 @@ mod tests {
         for r in futures::future::join_all(futs).await {
             r?;
         }
-        assert!(db.stats().flushes.load(std::sync::atomic::Ordering::Relaxed) <= 32);
+        assert!(
+            db.stats()
+                .flushes
+                .load(std::sync::atomic::Ordering::Relaxed)
+                <= 32
+        );
         assert_eq!(t.scan_prefix([1])?.len(), 10);
         assert_eq!(t.range([1u8, 3]..[1u8, 6], 100)?.len(), 3);
         assert_eq!(t.range_rev([1u8, 0]..[2u8, 0], 2)?[0].0, vec![1, 9]);

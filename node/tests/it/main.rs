@@ -5,6 +5,8 @@
 //! - `crash`: kill -9 under load; nothing acked is lost or duplicated.
 //! - `support`: starting the binary, running CLI commands, clients.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
 mod api;
 mod cli;
 mod crash;
