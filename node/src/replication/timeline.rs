@@ -998,4 +998,33 @@ mod tests {
         assert!(dup.duplicate && dup.id == ids[3]);
         assert_eq!(hub.watermark(&r), Some(next.id));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Garbage where a record should be gives a Corrupt error, never a panic.
+        #[test]
+        fn corrupt_records_are_errors_not_panics(garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let db = Db::temporary().unwrap();
+                let tl = Timelines::open(&db, Arc::new(Hlc::new(1, 0)), Hub::new(), ChunkLimits::default()).unwrap();
+                let r = room(9);
+                let id = MessageId::new(1_000, 0, 1, 1);
+                let t = &tl.inner.tree;
+                t.insert(key(b'm', &r, &[&id.to_bytes()]), &garbage).unwrap();
+                t.insert(key(b'e', &r, &[&id.to_bytes()]), &garbage).unwrap();
+                t.insert(key(b'c', &r, &[&0u32.to_be_bytes(), &0u64.to_be_bytes()]), &garbage).unwrap();
+                t.insert(key(b'h', &r, &[]), &garbage).unwrap();
+                let q = HistoryQuery { limit: 10, ..Default::default() };
+                // Each may succeed (garbage that happens to decode) but must not panic.
+                let _ = tl.history(&r, &q);
+                let _ = tl.replay(&r, MessageId::MIN, MessageId(u128::MAX), 10);
+                let _ = tl.get_message(&r, id);
+                let loaded = tl.ensure_loaded(&r).await;
+                if garbage.len() != 4 {
+                    assert!(loaded.is_err(), "a chunk number that is not 4 bytes must be refused");
+                }
+            });
+        }
+    }
 }
