@@ -1,19 +1,28 @@
-//! The registry of this node's Raft groups: one per partition, opened from the store,
-//! and the API the rest of the node uses to write commands and read state.
+//! The registry of this node's Raft groups and the API the rest of the node uses to write
+//! commands and read state.
+//!
+//! Two ways to open it: [`Groups::open`] runs every partition on this node alone (the
+//! single-node layout), [`Groups::open_cluster`] runs the groups a [`ClusterPlan`] gives
+//! this node (its partition replicas and the meta group). Writes and strong reads are
+//! routed to the partition's leader wherever it is ([`super::routing`]); plain reads are
+//! served from the local replica.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, Fatal};
+use openraft::error::Fatal;
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use super::cluster::ClusterPlan;
 use super::log_store::LogStore;
 use super::network::NetworkFactory;
+use super::peers::{Faults, Peers};
 use super::state::{self, State};
 use super::state_machine::StateMachine;
-use super::typ::{Raft, RaftError, Reply, StorageError};
+use super::typ::{Raft, RaftError, StorageError};
 use crate::ids::{GroupId, NodeId, PartitionId};
 use crate::store::Db;
 
@@ -27,8 +36,10 @@ pub struct AppliedEvent {
     pub applied: state::Applied,
 }
 
-/// Why a consensus operation failed. `Unavailable` and `Timeout` are retryable.
-#[derive(Debug, Clone, thiserror::Error)]
+/// Why a consensus operation failed. `Unavailable` and `Timeout` are retryable; `Timeout`
+/// means the command may still commit, `Unavailable` that it was not proposed. Travels
+/// between nodes (forwarded writes), hence serde.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum ConsensusError {
     #[error("unavailable: {reason}")]
     Unavailable { reason: String },
@@ -48,6 +59,10 @@ pub struct GroupStatus {
     pub term: u64,
     pub last_log_index: Option<u64>,
     pub applied_index: Option<u64>,
+    /// The group's voters, from its current membership.
+    pub voters: Vec<u64>,
+    /// Whether this node leads the group right now (as far as it knows).
+    pub is_leader: bool,
 }
 
 /// Timing and log-compaction knobs. [`Tuning::default`] is what a node runs with; tests
@@ -63,8 +78,14 @@ pub struct Tuning {
     pub keep_after_snapshot: u64,
     /// Purge the log only once this many entries can go at once (fewer, larger deletes).
     pub purge_batch: u64,
+    /// How long a proposed entry may take to commit and apply (then `Timeout`).
     pub write_timeout: Duration,
+    /// Single-node open: how long to wait for this node to lead every partition.
     pub ready_timeout: Duration,
+    /// How long a write or strong read may look for a leader (then `Unavailable`).
+    pub route_timeout: Duration,
+    /// Cluster open: how long to wait for every local group to know some leader.
+    pub leader_wait: Duration,
 }
 
 impl Default for Tuning {
@@ -78,6 +99,8 @@ impl Default for Tuning {
             purge_batch: 256,
             write_timeout: Duration::from_secs(5),
             ready_timeout: Duration::from_secs(10),
+            route_timeout: Duration::from_secs(5),
+            leader_wait: Duration::from_secs(3),
         }
     }
 }
@@ -89,6 +112,7 @@ impl Tuning {
             heartbeat_interval: self.heartbeat_ms,
             election_timeout_min: self.election_min_ms,
             election_timeout_max: self.election_max_ms,
+            install_snapshot_timeout: super::network::SNAPSHOT_TIMEOUT.as_millis() as u64,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: self.keep_after_snapshot,
             purge_batch_size: self.purge_batch,
@@ -97,25 +121,33 @@ impl Tuning {
         .validate()
         .map_err(|e| ConsensusError::Fatal(format!("raft config: {e}")))
     }
+
+    /// A leader that has not heard from a quorum for this long does not take new writes:
+    /// followers have started, or are about to start, an election without it.
+    pub(super) fn quorum_stale(&self) -> Duration {
+        Duration::from_millis(self.election_max_ms.max(3 * self.heartbeat_ms))
+    }
 }
 
-struct Group {
-    raft: Raft,
-    state: Arc<RwLock<State>>,
+pub(super) struct Group {
+    pub(super) raft: Raft,
+    pub(super) state: Arc<RwLock<State>>,
 }
 
-struct Inner {
-    node: NodeId,
-    grpc_addr: SocketAddr,
-    tuning: Tuning,
-    /// Partition `p` is at index `p`.
-    groups: Vec<Group>,
+pub(super) struct Inner {
+    pub(super) node: NodeId,
+    pub(super) grpc_addr: SocketAddr,
+    pub(super) tuning: Tuning,
+    pub(super) plan: ClusterPlan,
+    /// The groups this node is a voter of.
+    pub(super) groups: BTreeMap<GroupId, Group>,
+    pub(super) peers: Peers,
 }
 
 /// This node's Raft groups. Cheap to clone; clones share the groups.
 #[derive(Clone)]
 pub struct Groups {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
 const _: () = {
@@ -127,7 +159,7 @@ fn storage_err(e: impl std::fmt::Display) -> ConsensusError {
     ConsensusError::Storage(e.to_string())
 }
 
-fn fatal_err(e: Fatal<u64>) -> ConsensusError {
+pub(super) fn fatal_err(e: Fatal<u64>) -> ConsensusError {
     match e {
         Fatal::Stopped => ConsensusError::Unavailable {
             reason: "the node is shutting down".to_owned(),
@@ -160,23 +192,94 @@ impl Groups {
         events: broadcast::Sender<AppliedEvent>,
         tuning: Tuning,
     ) -> Result<Self, ConsensusError> {
+        let plan = ClusterPlan::single(node.0, grpc_addr, partitions);
+        let this = Self::start(db, node, grpc_addr, plan, events, tuning).await?;
+        this.wait_ready().await?;
+        Ok(this)
+    }
+
+    /// Opens this node's share of a cluster: the groups `plan` makes it a voter of.
+    ///
+    /// - `Some(plan)` on a fresh store (genesis): stores the plan (flushed), then
+    ///   initializes each local group with its planned voters. Every genesis node does the
+    ///   same with the same plan; openraft accepts that.
+    /// - `None` (restart): recovers every group of the plan stored on disk.
+    /// - `Some(plan)` on a store that has one already: the stored plan wins (a warning is
+    ///   logged if they differ).
+    ///
+    /// Waits until each local group knows some leader, at most `tuning.leader_wait`, and
+    /// then returns even if some do not (other nodes may be down): writes to such a group
+    /// fail with `Unavailable` until a leader is elected.
+    pub async fn open_cluster(
+        db: &Db,
+        node: NodeId,
+        grpc_addr: SocketAddr,
+        plan: Option<ClusterPlan>,
+        tuning: Tuning,
+        events: broadcast::Sender<AppliedEvent>,
+    ) -> Result<Self, ConsensusError> {
+        let stored = ClusterPlan::load(db).map_err(storage_err)?;
+        let plan = match (stored, plan) {
+            (Some(stored), given) => {
+                if given.as_ref().is_some_and(|g| *g != stored) {
+                    tracing::warn!(node = %node, "a different cluster plan is stored; keeping the stored one");
+                }
+                stored
+            }
+            (None, Some(given)) => {
+                given.save(db).await.map_err(storage_err)?;
+                given
+            }
+            (None, None) => {
+                return Err(ConsensusError::Unavailable {
+                    reason: "no cluster plan in the store and none given: this store was never \
+                             part of a cluster"
+                        .to_owned(),
+                })
+            }
+        };
+        match plan.members.get(&node.0) {
+            None => {
+                return Err(ConsensusError::Fatal(format!(
+                    "node {node} is not a member of the cluster plan"
+                )))
+            }
+            Some(a) if *a != grpc_addr.to_string() => tracing::warn!(
+                node = %node, planned = %a, actual = %grpc_addr,
+                "this node listens on another address than the plan says; peers use the plan's"
+            ),
+            Some(_) => {}
+        }
+        let this = Self::start(db, node, grpc_addr, plan, events, tuning).await?;
+        this.wait_some_leader().await;
+        Ok(this)
+    }
+
+    /// Creates the Raft of every group `plan` gives `node`, initializing pristine ones.
+    async fn start(
+        db: &Db,
+        node: NodeId,
+        grpc_addr: SocketAddr,
+        plan: ClusterPlan,
+        events: broadcast::Sender<AppliedEvent>,
+        tuning: Tuning,
+    ) -> Result<Self, ConsensusError> {
         let config = Arc::new(tuning.raft_config()?);
-        let mut groups = Vec::with_capacity(partitions as usize);
-        for p in 0..partitions {
-            let gid = PartitionId(p).group();
+        let peers = Peers::new(node.0);
+        let mut groups = BTreeMap::new();
+        for gid in plan.groups_of(node.0) {
             let tree = db.tree(&format!("raft-{gid}")).map_err(storage_err)?;
             let log = LogStore::new(db.clone(), tree.clone());
             let fresh = log.is_pristine().map_err(storage_err)?;
             let sm =
                 StateMachine::open(gid, db.clone(), tree, events.clone()).map_err(storage_err)?;
             let state = sm.state();
-            let raft = Raft::new(node.0, config.clone(), NetworkFactory::new(gid), log, sm)
+            let network = NetworkFactory::new(gid, peers.clone());
+            let raft = Raft::new(node.0, config.clone(), network, log, sm)
                 .await
                 .map_err(fatal_err)?;
             if fresh {
-                let members =
-                    BTreeMap::from([(node.0, openraft::BasicNode::new(grpc_addr.to_string()))]);
-                match raft.initialize(members).await {
+                match raft.initialize(plan.membership(gid)).await {
                     Ok(()) => {}
                     // Raced with an existing vote or log: the group is initialized already.
                     Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
@@ -186,28 +289,30 @@ impl Groups {
                     Err(RaftError::Fatal(e)) => return Err(fatal_err(e)),
                 }
             }
-            groups.push(Group { raft, state });
+            groups.insert(gid, Group { raft, state });
         }
-        let this = Self {
+        Ok(Self {
             inner: Arc::new(Inner {
                 node,
                 grpc_addr,
                 tuning,
+                plan,
                 groups,
+                peers,
             }),
-        };
-        this.wait_ready().await?;
-        Ok(this)
+        })
     }
 
     /// Waits, for all groups at once, until this node leads each and has applied its log.
     async fn wait_ready(&self) -> Result<(), ConsensusError> {
         let me = self.inner.node.0;
         let timeout = self.inner.tuning.ready_timeout;
-        let waits = self.inner.groups.iter().map(|g| {
+        let waits = self.inner.groups.iter().map(|(gid, g)| {
             let raft = g.raft.clone();
+            let gid = *gid;
             async move {
-                raft.wait(Some(timeout))
+                let r = raft
+                    .wait(Some(timeout))
                     .metrics(
                         move |m| {
                             m.current_leader == Some(me)
@@ -216,25 +321,55 @@ impl Groups {
                         },
                         "leader elected and log applied",
                     )
-                    .await
+                    .await;
+                (gid, r)
             }
         });
-        for (p, r) in futures::future::join_all(waits)
-            .await
-            .into_iter()
-            .enumerate()
-        {
+        for (gid, r) in futures::future::join_all(waits).await {
             if let Err(e) = r {
+                let what = gid
+                    .partition()
+                    .map_or("the meta group".to_owned(), |p| format!("partition {p}"));
                 return Err(ConsensusError::Unavailable {
-                    reason: format!("partition {p} has no leader yet: {e}"),
+                    reason: format!("{what} has no leader yet: {e}"),
                 });
             }
         }
         Ok(())
     }
 
+    /// Waits (bounded by `tuning.leader_wait`) until every local group knows a leader.
+    /// Not an error when some do not: a cluster may be started one node at a time.
+    async fn wait_some_leader(&self) {
+        let total = self.inner.groups.len();
+        let led = self.wait_for_leaders(self.inner.tuning.leader_wait).await;
+        if led < total {
+            tracing::warn!(node = %self.inner.node, led, total, "some groups have no leader yet");
+        }
+    }
+
+    /// Waits at most `timeout` until every local group knows some leader; returns how
+    /// many do. For a caller that opened with a zero `leader_wait` so that it could start
+    /// serving the `Cluster` service first (peers need it to elect anyone).
+    pub async fn wait_for_leaders(&self, timeout: Duration) -> usize {
+        let waits = self.inner.groups.values().map(|g| {
+            let raft = g.raft.clone();
+            async move {
+                raft.wait(Some(timeout))
+                    .metrics(|m| m.current_leader.is_some(), "some leader known")
+                    .await
+                    .is_ok()
+            }
+        });
+        futures::future::join_all(waits)
+            .await
+            .into_iter()
+            .filter(|ok| *ok)
+            .count()
+    }
+
     pub fn partitions(&self) -> u32 {
-        self.inner.groups.len() as u32
+        self.inner.plan.partitions
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -245,19 +380,34 @@ impl Groups {
         self.inner.grpc_addr
     }
 
-    fn group(&self, p: PartitionId) -> Option<&Group> {
-        self.inner.groups.get(p.0 as usize)
+    /// The cluster plan this node was opened with (for a single-node open: every
+    /// partition on this node, no meta group).
+    pub fn plan(&self) -> &ClusterPlan {
+        &self.inner.plan
+    }
+
+    /// The fault-injection hook of this node's transport. Empty (no effect) unless a test
+    /// blocks links through it.
+    pub fn faults(&self) -> Faults {
+        self.inner.peers.faults().clone()
+    }
+
+    pub(super) fn group(&self, p: PartitionId) -> Option<&Group> {
+        self.inner.groups.get(&p.group())
+    }
+
+    /// Whether this node holds a replica of partition `p`. Reads ([`Groups::read`],
+    /// [`Groups::read_strong`]) need one; writes do not (they are forwarded).
+    pub fn is_local(&self, p: PartitionId) -> bool {
+        self.group(p).is_some()
     }
 
     /// The Raft of a group hosted here (for the `Cluster` service).
     pub fn raft(&self, group: GroupId) -> Option<Raft> {
-        group
-            .partition()
-            .and_then(|p| self.group(p))
-            .map(|g| g.raft.clone())
+        self.inner.groups.get(&group).map(|g| g.raft.clone())
     }
 
-    fn no_partition(&self, p: PartitionId) -> ConsensusError {
+    pub(super) fn no_partition(&self, p: PartitionId) -> ConsensusError {
         ConsensusError::Unavailable {
             reason: format!(
                 "partition {p} does not exist (the cluster has {})",
@@ -266,89 +416,94 @@ impl Groups {
         }
     }
 
+    fn not_local(&self, p: PartitionId) -> ConsensusError {
+        ConsensusError::Unavailable {
+            reason: format!(
+                "partition {p} has no replica on node {}: reads need a local replica",
+                self.inner.node
+            ),
+        }
+    }
+
     /// Proposes `cmd` to partition `p` and waits until it is committed and applied; returns
-    /// the state machine's outcome (a refused command is `Ok(Err(..))`). Bounded by the
-    /// write timeout (5 s) -> `Timeout`; no leader here -> `Unavailable`.
+    /// the state machine's outcome (a refused command is `Ok(Err(..))`). Sent to the
+    /// partition's leader wherever it is (forwarded over gRPC if that is another node).
+    /// No leader found within the route timeout (5 s) -> `Unavailable`; proposed but not
+    /// committed within the write timeout (5 s) -> `Timeout`.
     pub async fn write(
         &self,
         p: PartitionId,
         cmd: state::Command,
     ) -> Result<state::Outcome, ConsensusError> {
-        let group = self.group(p).ok_or_else(|| self.no_partition(p))?;
-        let res = tokio::time::timeout(
-            self.inner.tuning.write_timeout,
-            group.raft.client_write(cmd),
-        )
-        .await
-        .map_err(|_| ConsensusError::Timeout)?;
-        match res {
-            Ok(resp) => match resp.data {
-                Reply::Command(outcome) => Ok(outcome),
-                Reply::Internal => Err(ConsensusError::Fatal(
-                    "a command was answered as an internal entry".into(),
-                )),
-            },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(ConsensusError::Unavailable {
-                    reason: match f.leader_id {
-                        Some(l) => format!("partition {p} is led by node {l}, not this node"),
-                        None => format!("partition {p} has no leader right now"),
-                    },
-                })
-            }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => Err(
-                ConsensusError::Fatal(format!("unexpected membership error: {e}")),
-            ),
-            Err(RaftError::Fatal(e)) => Err(fatal_err(e)),
-        }
+        self.write_routed(p, cmd, 0, None).await
     }
 
-    /// Local read (may be stale in a cluster). A partition this node does not have reads as
-    /// empty.
+    /// Local read (may be stale in a cluster). Needs a local replica: check
+    /// [`Groups::is_local`] first, or use [`Groups::try_read`]. A partition this node does
+    /// not hold reads as empty (and logs a warning), which is never the right answer for
+    /// a cluster: it is kept only so that this signature stays infallible.
     pub fn read<T>(&self, p: PartitionId, f: impl FnOnce(&State) -> T) -> T {
         match self.group(p) {
             Some(g) => f(&g.state.read().unwrap_or_else(|e| e.into_inner())),
-            None => f(&State::default()),
+            None => {
+                tracing::warn!(partition = %p, node = %self.inner.node, "read of a partition without a local replica");
+                f(&State::default())
+            }
         }
     }
 
-    /// Linearizable read: confirms leadership with a quorum and waits until everything
-    /// committed before the call is applied, then reads.
+    /// Local read, or `None` when this node holds no replica of `p`.
+    pub fn try_read<T>(&self, p: PartitionId, f: impl FnOnce(&State) -> T) -> Option<T> {
+        self.group(p)
+            .map(|g| f(&g.state.read().unwrap_or_else(|e| e.into_inner())))
+    }
+
+    /// Linearizable read: the partition's leader confirms its leadership with a quorum and
+    /// names the log index committed before the call; once the local replica has applied
+    /// it, the read runs locally. Needs a local replica (else `Unavailable`).
     pub async fn read_strong<T>(
         &self,
         p: PartitionId,
         f: impl FnOnce(&State) -> T,
     ) -> Result<T, ConsensusError> {
-        let group = self.group(p).ok_or_else(|| self.no_partition(p))?;
-        let res = tokio::time::timeout(
-            self.inner.tuning.write_timeout,
-            group.raft.ensure_linearizable(),
-        )
-        .await
-        .map_err(|_| ConsensusError::Timeout)?;
-        match res {
-            Ok(_) => Ok(self.read(p, f)),
-            Err(RaftError::APIError(e)) => Err(ConsensusError::Unavailable {
-                reason: format!("partition {p}: cannot read linearizably: {e}"),
-            }),
-            Err(RaftError::Fatal(e)) => Err(fatal_err(e)),
+        if p.0 >= self.partitions() {
+            return Err(self.no_partition(p));
         }
+        let group = self.group(p).ok_or_else(|| self.not_local(p))?;
+        let index = self.barrier_routed(p, 0, None).await?;
+        if index.is_some() {
+            group
+                .raft
+                .wait(Some(self.inner.tuning.write_timeout))
+                .applied_index_at_least(index, "applied up to the read index")
+                .await
+                .map_err(|e| match e {
+                    openraft::metrics::WaitError::Timeout(..) => ConsensusError::Timeout,
+                    openraft::metrics::WaitError::ShuttingDown => ConsensusError::Unavailable {
+                        reason: "the node is shutting down".to_owned(),
+                    },
+                })?;
+        }
+        self.try_read(p, f).ok_or_else(|| self.not_local(p))
     }
 
-    /// One line per group, from openraft's metrics.
+    /// One line per local group (the meta group first, when this node has it), from
+    /// openraft's metrics.
     pub fn status(&self) -> Vec<GroupStatus> {
+        let me = self.inner.node.0;
         self.inner
             .groups
             .iter()
-            .enumerate()
-            .map(|(p, g)| {
+            .map(|(gid, g)| {
                 let m = g.raft.metrics().borrow().clone();
                 GroupStatus {
-                    group: PartitionId(p as u32).group(),
+                    group: *gid,
                     leader: m.current_leader,
                     term: m.current_term,
                     last_log_index: m.last_log_index,
                     applied_index: m.last_applied.map(|l| l.index),
+                    voters: m.membership_config.membership().voter_ids().collect(),
+                    is_leader: m.current_leader == Some(me),
                 }
             })
             .collect()
@@ -356,9 +511,9 @@ impl Groups {
 
     /// Stops every group's Raft. Writes after this fail with `Unavailable`.
     pub async fn shutdown(&self) {
-        for (p, g) in self.inner.groups.iter().enumerate() {
+        for (gid, g) in &self.inner.groups {
             if let Err(e) = g.raft.shutdown().await {
-                tracing::warn!(partition = p, error = %e, "raft shutdown failed");
+                tracing::warn!(group = %gid, error = %e, "raft shutdown failed");
             }
         }
     }

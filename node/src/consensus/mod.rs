@@ -2,22 +2,32 @@
 //!
 //! Owns: the Raft type config ([`typ`]), the versioned encoding of everything Raft writes
 //! or sends ([`codec`]), the log store ([`log_store`]) and state machine
-//! ([`state_machine`]) on top of [`crate::store`], the gRPC transport ([`network`]) and
-//! the registry of groups the node talks to ([`groups::Groups`]).
+//! ([`state_machine`]) on top of [`crate::store`], the gRPC transport ([`network`]) over
+//! one shared channel per peer ([`peers`]), the cluster's genesis plan ([`cluster`]), the
+//! registry of groups the node takes part in ([`groups::Groups`]) and the routing of
+//! writes and strong reads to a partition's leader ([`routing`]).
 //!
 //! Never touches: sled (only through `store`), client-facing errors (the API layer maps
 //! [`ConsensusError`]), rooms' message timelines (replication).
 
+pub mod cluster;
 pub mod codec;
 pub mod groups;
 pub mod log_store;
 pub mod network;
+pub mod peers;
+pub mod routing;
 pub mod state;
 pub mod state_machine;
 pub mod typ;
 
+pub use cluster::ClusterPlan;
 pub use groups::{AppliedEvent, ConsensusError, GroupStatus, Groups, Tuning};
 pub use network::ClusterRaftService;
+pub use peers::Faults;
+
+#[cfg(test)]
+mod cluster_tests;
 
 #[cfg(test)]
 pub(crate) mod test_support {

@@ -15,37 +15,44 @@
 #![allow(clippy::result_large_err)]
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use parley_proto::v1::cluster_client::ClusterClient;
 use parley_proto::v1::cluster_server::Cluster;
 use parley_proto::v1::{
-    HelloReply, HelloRequest, PushChangesReply, PushChangesRequest, RaftReply, RaftRequest,
-    SyncReply, SyncRequest,
+    BarrierReply, BarrierRequest, ForwardReply, ForwardRequest, HelloReply, HelloRequest,
+    PushChangesReply, PushChangesRequest, RaftReply, RaftRequest, SyncReply, SyncRequest,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use super::codec;
-use super::groups::Groups;
+use super::groups::{ConsensusError, Groups};
+use super::peers::Peers;
 use super::typ::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     Node, NodeId, RaftError, RpcError, TypeConfig, VoteRequest, VoteResponse,
 };
 use crate::ids::GroupId;
 
-/// Creates the clients one group's Raft uses to reach its peers.
+/// The longest an append or vote RPC may take.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(1);
+/// The longest a snapshot transfer may take.
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Creates the clients one group's Raft uses to reach its peers, over the node's shared
+/// [`Peers`] channels.
 #[derive(Clone)]
 pub struct NetworkFactory {
     group: GroupId,
+    peers: Peers,
 }
 
 impl NetworkFactory {
-    pub fn new(group: GroupId) -> Self {
-        Self { group }
+    pub fn new(group: GroupId, peers: Peers) -> Self {
+        Self { group, peers }
     }
 }
 
@@ -53,24 +60,22 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = Network;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> Network {
-        // `connect_lazy` does no I/O: the connection is made (and remade) on use, so a peer
-        // that is down now is retried later instead of being given up on here.
-        let client = Endpoint::from_shared(format!("http://{}", node.addr))
-            .map(|e| ClusterClient::new(e.connect_lazy()))
-            .map_err(|e| format!("bad address {:?} of node {target}: {e}", node.addr));
         Network {
             group: self.group,
             target,
-            client,
+            addr: node.addr.clone(),
+            peers: self.peers.clone(),
         }
     }
 }
 
-/// A client for one peer of one group.
+/// A client for one peer of one group. Holds no connection of its own: each call takes
+/// the peer's shared channel (and is refused at once if a fault blocks the link).
 pub struct Network {
     group: GroupId,
     target: NodeId,
-    client: Result<ClusterClient<Channel>, String>,
+    addr: String,
+    peers: Peers,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,26 +101,28 @@ impl Network {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let client = match &mut self.client {
-            Ok(c) => c,
-            Err(e) => {
-                return Err(RpcError::Unreachable(Unreachable::new(&TransportError(
-                    e.clone(),
-                ))))
-            }
-        };
+        let mut client = self
+            .peers
+            .client(self.target, &self.addr)
+            .map_err(|e| RpcError::Unreachable(Unreachable::new(&TransportError(e.to_string()))))?;
         let mut request = Request::new(RaftRequest {
             group: self.group.0,
             payload: codec::encode(req),
         });
-        request.set_timeout(option.hard_ttl());
+        request.set_timeout(match rpc {
+            Rpc::Snapshot => option.hard_ttl().max(SNAPSHOT_TIMEOUT),
+            Rpc::Append | Rpc::Vote => option.hard_ttl().min(RPC_TIMEOUT),
+        });
         let reply = match rpc {
             Rpc::Append => client.raft_append(request).await,
             Rpc::Vote => client.raft_vote(request).await,
             Rpc::Snapshot => client.raft_snapshot(request).await,
         };
         let reply = match reply {
-            Ok(r) => r.into_inner(),
+            Ok(r) => {
+                self.peers.mark_ok(self.target);
+                r.into_inner()
+            }
             Err(status) => {
                 let err = TransportError(format!(
                     "node {} group {}: {status}",
@@ -252,6 +259,41 @@ impl Cluster for ClusterRaftService {
         ))
     }
 
+    async fn forward(
+        &self,
+        request: Request<ForwardRequest>,
+    ) -> Result<Response<ForwardReply>, Status> {
+        let req = request.into_inner();
+        let group = GroupId(req.group);
+        let p = group
+            .partition()
+            .ok_or_else(|| Status::invalid_argument("only partition groups take commands"))?;
+        let cmd = codec::decode(&req.payload)
+            .map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
+        let res = self
+            .groups
+            .write_routed(p, cmd, req.hops, budget(req.budget_ms))
+            .await;
+        let (ok, err) = encode_result(res);
+        Ok(Response::new(ForwardReply { ok, err }))
+    }
+
+    async fn linearizable_barrier(
+        &self,
+        request: Request<BarrierRequest>,
+    ) -> Result<Response<BarrierReply>, Status> {
+        let req = request.into_inner();
+        let p = GroupId(req.group)
+            .partition()
+            .ok_or_else(|| Status::invalid_argument("only partition groups take reads"))?;
+        let res = self
+            .groups
+            .barrier_routed(p, req.hops, budget(req.budget_ms))
+            .await;
+        let (ok, err) = encode_result(res);
+        Ok(Response::new(BarrierReply { ok, err }))
+    }
+
     async fn hello(&self, _: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
         Ok(Response::new(HelloReply {
             cluster: self.cluster.clone(),
@@ -259,6 +301,18 @@ impl Cluster for ClusterRaftService {
             grpc_addr: self.groups.grpc_addr().to_string(),
             http_addr: self.http_addr.map(|a| a.to_string()).unwrap_or_default(),
         }))
+    }
+}
+
+/// A forwarded request's time budget; 0 (an old or careless sender) means the default.
+fn budget(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+fn encode_result<T: Serialize>(res: Result<T, ConsensusError>) -> (Vec<u8>, Vec<u8>) {
+    match res {
+        Ok(v) => (codec::encode(&v), Vec::new()),
+        Err(e) => (Vec::new(), codec::encode(&e)),
     }
 }
 
@@ -273,6 +327,7 @@ mod tests {
     use super::*;
     use crate::consensus::groups::Tuning;
     use crate::ids::NodeId as PNodeId;
+    use parley_proto::v1::cluster_client::ClusterClient;
     use parley_proto::v1::cluster_server::ClusterServer;
     use std::time::Duration;
 
@@ -303,7 +358,9 @@ mod tests {
         );
 
         let node = Node::new(addr.to_string());
-        let mut net = NetworkFactory::new(GroupId(1)).new_client(1, &node).await;
+        let mut net = NetworkFactory::new(GroupId(1), Peers::new(2))
+            .new_client(1, &node)
+            .await;
         // A stale candidate (term 0) asks node 1 for its vote: the peer answers, refusing.
         let resp = net
             .vote(VoteRequest::new(openraft::Vote::new(0, 2), None), option())
@@ -313,7 +370,9 @@ mod tests {
         assert_eq!(resp.vote.leader_id().voted_for(), Some(1));
 
         // A group the node does not host is a transport-level error, not a panic.
-        let mut other = NetworkFactory::new(GroupId(9)).new_client(1, &node).await;
+        let mut other = NetworkFactory::new(GroupId(9), Peers::new(2))
+            .new_client(1, &node)
+            .await;
         let err = other
             .vote(VoteRequest::new(openraft::Vote::new(0, 2), None), option())
             .await
@@ -347,7 +406,9 @@ mod tests {
         groups.shutdown().await;
 
         // Nobody listens any more: the peer is unreachable.
-        let mut gone = NetworkFactory::new(GroupId(1)).new_client(1, &node).await;
+        let mut gone = NetworkFactory::new(GroupId(1), Peers::new(2))
+            .new_client(1, &node)
+            .await;
         let err = gone
             .vote(VoteRequest::new(openraft::Vote::new(0, 2), None), option())
             .await
