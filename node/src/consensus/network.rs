@@ -265,14 +265,11 @@ impl Cluster for ClusterRaftService {
     ) -> Result<Response<ForwardReply>, Status> {
         let req = request.into_inner();
         let group = GroupId(req.group);
-        let p = group
-            .partition()
-            .ok_or_else(|| Status::invalid_argument("only partition groups take commands"))?;
         let cmd = codec::decode(&req.payload)
             .map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
         let res = self
             .groups
-            .write_routed(p, cmd, req.hops, budget(req.budget_ms))
+            .write_group(group, cmd, req.hops, budget(req.budget_ms))
             .await;
         let (ok, err) = encode_result(res);
         Ok(Response::new(ForwardReply { ok, err }))

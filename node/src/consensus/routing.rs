@@ -101,7 +101,18 @@ impl Groups {
         hops: u32,
         budget: Option<Duration>,
     ) -> Result<state::Outcome, ConsensusError> {
-        match self.route(p, Op::Write(cmd), hops, budget).await? {
+        self.write_group(p.group(), cmd, hops, budget).await
+    }
+
+    /// Like [`Self::write_routed`] for any group, the meta group (0) included.
+    pub async fn write_group(
+        &self,
+        gid: GroupId,
+        cmd: state::Command,
+        hops: u32,
+        budget: Option<Duration>,
+    ) -> Result<state::Outcome, ConsensusError> {
+        match self.route(gid, Op::Write(cmd), hops, budget).await? {
             Done::Outcome(o) => Ok(o),
             Done::Index(_) => Err(ConsensusError::Fatal("a write answered as a read".into())),
         }
@@ -115,7 +126,7 @@ impl Groups {
         hops: u32,
         budget: Option<Duration>,
     ) -> Result<Option<u64>, ConsensusError> {
-        match self.route(p, Op::Barrier, hops, budget).await? {
+        match self.route(p.group(), Op::Barrier, hops, budget).await? {
             Done::Index(i) => Ok(i),
             Done::Outcome(_) => Err(ConsensusError::Fatal("a read answered as a write".into())),
         }
@@ -123,15 +134,17 @@ impl Groups {
 
     async fn route(
         &self,
-        p: PartitionId,
+        gid: GroupId,
         op: Op,
         hops: u32,
         budget: Option<Duration>,
     ) -> Result<Done, ConsensusError> {
-        if p.0 >= self.partitions() {
-            return Err(self.no_partition(p));
+        if !self.plan().replicas.contains_key(&gid) {
+            return Err(ConsensusError::Unavailable {
+                reason: format!("group {gid} does not exist in this cluster"),
+            });
         }
-        let gid = p.group();
+        let p = GroupName(gid);
         let limit = self.inner.tuning.route_timeout;
         let deadline = Instant::now() + budget.map_or(limit, |b| b.min(limit));
         let mut hint = None;
@@ -156,7 +169,7 @@ impl Groups {
                 Target::Remote(n, _) if hops >= MAX_HOPS => {
                     Step::Done(Err(ConsensusError::Unavailable {
                         reason: format!(
-                            "partition {p}: forwarded {hops} times without reaching its leader \
+                            "{p}: forwarded {hops} times without reaching its leader \
                              (next would be node {n})"
                         ),
                     }))
@@ -187,7 +200,7 @@ impl Groups {
         let (reachable, total) = self.reachable_replicas(gid).await;
         Err(ConsensusError::Unavailable {
             reason: format!(
-                "partition {p} has no leader: {reachable} of {total} replicas reachable ({why})"
+                "{p} has no leader: {reachable} of {total} replicas reachable ({why})"
             ),
         })
     }
@@ -476,5 +489,17 @@ impl Groups {
             peers.mark_ok(node);
         }
         ok
+    }
+}
+
+/// A group as error texts name it: "partition N" or "the meta group".
+struct GroupName(GroupId);
+
+impl std::fmt::Display for GroupName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.partition() {
+            Some(p) => write!(f, "partition {p}"),
+            None => f.write_str("the meta group"),
+        }
     }
 }

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{RoomId, UserId};
 
 mod membership;
+mod nodes;
 mod rooms;
 #[cfg(test)]
 mod tests;
@@ -79,6 +80,17 @@ pub struct BanRecord {
     pub at: u64,
 }
 
+/// A node of the cluster as the meta group registers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node_id: u64,
+    pub grpc: String,
+    /// Empty when the node serves no HTTP.
+    pub http: String,
+    pub p2p: Vec<String>,
+    pub registered_at: u64,
+}
+
 /// Everything one partition knows. `BTreeMap`s so snapshots are deterministic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct State {
@@ -89,6 +101,8 @@ pub struct State {
     pub room_names: BTreeMap<String, RoomId>,
     pub members: BTreeMap<RoomId, BTreeMap<UserId, MemberRecord>>,
     pub bans: BTreeMap<RoomId, BTreeMap<UserId, BanRecord>>,
+    /// The node registry; used by the meta group only.
+    pub nodes: BTreeMap<u64, NodeInfo>,
 }
 
 /// A change to a partition. `at` is the proposer's wall-clock ms.
@@ -166,6 +180,8 @@ pub enum Command {
         user: UserId,
         role: Role,
     },
+    /// Meta group: records (or updates the addresses of) a node of the cluster.
+    RegisterNode { info: NodeInfo },
 }
 
 /// What a successful command did, for the caller and for the event stream.
@@ -188,6 +204,8 @@ pub enum Applied {
         user: UserId,
         changed: bool,
     },
+    /// `new` is false when the node was registered already (its addresses may have changed).
+    NodeRegistered { node: u64, new: bool },
 }
 
 /// Why a command was refused. The state is unchanged.
@@ -241,6 +259,7 @@ pub fn apply(state: &mut State, cmd: Command) -> Outcome {
             user,
             role,
         } => membership::set_role(state, room, by, user, role),
+        Command::RegisterNode { info } => nodes::register(state, info),
     }
 }
 
