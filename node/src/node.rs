@@ -14,9 +14,11 @@ use tokio::sync::{broadcast, watch};
 
 use crate::api::{self, http, ChatService, Ctx};
 use crate::clock::Hlc;
-use crate::consensus::state::{Applied, Command, Role};
-use crate::consensus::{AppliedEvent, ClusterRaftService, Groups};
+use crate::consensus::cluster::{ClusterPlan, META};
+use crate::consensus::state::{Applied, Command, NodeInfo, Role};
+use crate::consensus::{AppliedEvent, ClusterRaftService, Groups, Tuning};
 use crate::delivery::Hub;
+use crate::discovery::{Discovery, DiscoveryConfig, NodeRecord};
 use crate::ids::NodeId;
 use crate::placement::Placement;
 use crate::replication::markers::Markers;
@@ -48,6 +50,11 @@ pub struct Config {
     pub presence_ttl: Duration,
     /// Test-only shift of this node's wall clock (clock-skew experiments).
     pub clock_offset_ms: i64,
+    /// Cluster name: nodes of different clusters never mix.
+    pub cluster: String,
+    /// How long a fresh node waits for `bootstrap_expect` nodes (or for an existing
+    /// cluster to answer) before giving up.
+    pub genesis_timeout: Duration,
 }
 
 impl Config {
@@ -64,6 +71,8 @@ impl Config {
             write_quorum: 2,
             presence_ttl: Duration::from_secs(30),
             clock_offset_ms: 0,
+            cluster: "parley".to_string(),
+            genesis_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -111,10 +120,55 @@ pub async fn run(
     };
     let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
 
+    let discovery = match &config.p2p {
+        Some(listen) => {
+            let record = NodeRecord {
+                node_id: node.0,
+                grpc: grpc_addr,
+                http: http_addr,
+                peer_id: String::new(),
+                p2p: Vec::new(),
+            };
+            let cfg = DiscoveryConfig {
+                data_dir: config.data_dir.clone(),
+                cluster: config.cluster.clone(),
+                listen: listen.clone(),
+                join: config.join.clone(),
+                record,
+            };
+            let (d, rec) = Discovery::start(cfg)
+                .await
+                .context("cannot start discovery")?;
+            tracing::info!(peer = %rec.peer_id, p2p = ?rec.p2p, "discovery listening");
+            Some(d)
+        }
+        None if !config.join.is_empty() => {
+            anyhow::bail!("--join needs --p2p (the address to listen on for peers)")
+        }
+        None => None,
+    };
+    let plan = match ClusterPlan::load(&db)? {
+        Some(_) => None,
+        None => Some(genesis(&config, node, grpc_addr, discovery.as_ref()).await?),
+    };
     let (applied_tx, applied_rx) = broadcast::channel(4096);
-    let groups = Groups::open(&db, node, grpc_addr, config.partitions, applied_tx)
+    // Peers can elect leaders only once this node serves the Cluster service, so open
+    // without waiting and wait for leaders after the server is up.
+    let tuning = Tuning {
+        leader_wait: Duration::ZERO,
+        ..Tuning::default()
+    };
+    let groups = Groups::open_cluster(&db, node, grpc_addr, plan, tuning, applied_tx)
         .await
         .context("cannot start the Raft groups")?;
+    let rf = groups
+        .plan()
+        .replicas
+        .iter()
+        .filter(|(g, _)| g.partition().is_some())
+        .map(|(_, v)| v.len())
+        .max()
+        .unwrap_or(1);
     let hub = Hub::new();
     let timelines = Timelines::open(&db, hlc.clone(), hub.clone(), ChunkLimits::default())?;
     let markers = Markers::open(&db)?;
@@ -128,7 +182,9 @@ pub async fn run(
         placement: Placement::new(config.partitions),
         hlc,
         write_quorum: config.write_quorum,
-        replicas: 1,
+        replicas: rf.min(255) as u8,
+        cluster: config.cluster.clone(),
+        discovery: discovery.clone(),
         metrics: Default::default(),
         db: db.clone(),
     });
@@ -187,6 +243,15 @@ pub async fn run(
         });
     }
 
+    let led = groups.wait_for_leaders(Duration::from_secs(10)).await;
+    tracing::info!(node = %node, groups_with_leader = led, "raft groups ready");
+    tasks.spawn(register_in_meta(
+        ctx.clone(),
+        http_addr,
+        discovery.clone(),
+        stop_rx.clone(),
+    ));
+
     let bound = Bound {
         node_id: node.0,
         grpc: grpc_addr,
@@ -212,8 +277,142 @@ pub async fn run(
         tasks.abort_all();
     }
     groups.shutdown().await;
+    if let Some(d) = &discovery {
+        d.shutdown().await;
+    }
     db.flush().await?;
     Ok(())
+}
+
+/// The plan a fresh node starts with.
+/// - Alone (`--bootstrap-expect 1`, no `--join`): every group on this node.
+/// - Otherwise it waits for peers through discovery. If one of them already has a plan
+///   (the cluster formed earlier), that plan is used: this node joins and is registered,
+///   though it holds no replicas yet. If not, once `bootstrap_expect` nodes are known,
+///   the plan is computed from the `bootstrap_expect` smallest node ids; every genesis
+///   node computes the same plan, provided exactly that many fresh nodes were started.
+async fn genesis(
+    config: &Config,
+    node: NodeId,
+    grpc: SocketAddr,
+    discovery: Option<&Discovery>,
+) -> anyhow::Result<ClusterPlan> {
+    let expect = config.bootstrap_expect.max(1);
+    let Some(discovery) = discovery.filter(|_| expect > 1 || !config.join.is_empty()) else {
+        return Ok(ClusterPlan::genesis(
+            &[(node.0, grpc)],
+            config.partitions,
+            1,
+        ));
+    };
+    let deadline = tokio::time::Instant::now() + config.genesis_timeout;
+    let mut round = 0u64;
+    loop {
+        round += 1;
+        let members = discovery
+            .wait_for_members(expect, Duration::from_secs(2))
+            .await?;
+        for m in members.iter().filter(|m| m.node_id != node.0) {
+            if let Some(plan) = fetch_plan(&config.cluster, m.grpc).await {
+                tracing::info!(from = m.node_id, "joining an existing cluster");
+                return Ok(plan);
+            }
+        }
+        if expect > 1 && members.len() >= expect {
+            let chosen: Vec<(u64, SocketAddr)> = members
+                .iter()
+                .take(expect)
+                .map(|m| (m.node_id, m.grpc))
+                .collect();
+            if chosen.iter().any(|(id, _)| *id == node.0) {
+                tracing::info!(nodes = ?chosen.iter().map(|c| c.0).collect::<Vec<_>>(), "forming the cluster");
+                return Ok(ClusterPlan::genesis(
+                    &chosen,
+                    config.partitions,
+                    expect.min(3),
+                ));
+            }
+            anyhow::bail!(
+                "more than {expect} fresh nodes found and this one is not among the {expect} with the                  smallest ids; start it with --join once the cluster has formed"
+            );
+        }
+        if round % 15 == 1 {
+            tracing::info!(
+                found = members.len(),
+                expect,
+                "waiting for peers before forming the cluster"
+            );
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "gave up after {:?}: found {} of {expect} nodes and no existing cluster",
+                config.genesis_timeout,
+                members.len()
+            );
+        }
+    }
+}
+
+/// The plan of the cluster a node at `addr` belongs to, if it is in ours and has one.
+async fn fetch_plan(cluster: &str, addr: SocketAddr) -> Option<ClusterPlan> {
+    use parley_proto::v1::cluster_client::ClusterClient;
+    use parley_proto::v1::HelloRequest;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(1));
+    let mut client = ClusterClient::new(endpoint.connect().await.ok()?);
+    let reply = client
+        .hello(HelloRequest {
+            cluster: cluster.to_string(),
+            node_id: 0,
+        })
+        .await
+        .ok()?
+        .into_inner();
+    if reply.cluster != cluster || reply.plan.is_empty() {
+        return None;
+    }
+    crate::consensus::codec::decode(&reply.plan).ok()
+}
+
+/// Records this node (and its current addresses) in the meta group's node registry,
+/// retrying until it succeeds or the node stops.
+async fn register_in_meta(
+    ctx: Arc<Ctx>,
+    http: Option<SocketAddr>,
+    discovery: Option<Discovery>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let p2p = discovery.map(|d| d.local_record().p2p).unwrap_or_default();
+    let info = NodeInfo {
+        node_id: ctx.node.0,
+        grpc: ctx.groups.grpc_addr().to_string(),
+        http: http.map(|a| a.to_string()).unwrap_or_default(),
+        p2p,
+        registered_at: ctx.hlc.wall_ms(),
+    };
+    let mut backoff = Duration::from_millis(200);
+    for attempt in 1..=10_000u32 {
+        let cmd = Command::RegisterNode { info: info.clone() };
+        match ctx.groups.write_group(META, cmd, 0, None).await {
+            Ok(Ok(_)) => {
+                tracing::info!(node = %ctx.node, "registered in the meta group");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "the meta group refused this node's registration");
+                return;
+            }
+            Err(e) if attempt % 10 == 1 => tracing::info!(error = %e, "registration pending"),
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// The node's id: from the config, else from `<data_dir>/node_id`, else a fresh random

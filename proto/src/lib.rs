@@ -11,4 +11,5 @@ pub mod v1 {
 }
 
 /// Encoded `FileDescriptorSet` of every `parley.v1` file.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/parley_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/parley_descriptor.bin"));

@@ -49,6 +49,13 @@ pub fn authenticate(ctx: &Ctx, md: &MetadataMap) -> ApiResult<UserId> {
     let (user, secret) =
         parse_token(token).ok_or_else(|| ApiError::Unauthenticated("malformed token".into()))?;
     let p = ctx.placement.of_user(&user);
+    if !ctx.groups.is_local(p) {
+        let hosts: Vec<String> = ctx.groups.plan().members.values().cloned().collect();
+        return Err(ApiError::Unavailable(format!(
+            "this node joined after the cluster formed and holds no replicas yet; connect to one of {}",
+            hosts.join(", ")
+        )));
+    }
     let hash = hash_secret(secret);
     let ok = ctx.groups.read(p, |s| {
         s.users

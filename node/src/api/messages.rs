@@ -21,8 +21,13 @@ fn ack(a: crate::replication::Appended) -> pb::SendMessageResponse {
     }
 }
 
-/// Checks the room's write quorum can be met. One node holds every replica today, so a
-/// quorum above the replica count is clamped to it (DESIGN §4: W=2 of RF=min(3, N)).
+/// Copies of a message this node can make durable before it acknowledges: its own.
+/// Pushing timeline changes to the other replicas is the replication layer's next step.
+const TIMELINE_COPIES: u8 = 1;
+
+/// Checks the room's write quorum `W` (the room's, else the cluster default, clamped to
+/// the partition's replica count) can be met. A send that cannot meet it is refused
+/// before anything is written: acknowledging it would promise copies that do not exist.
 fn check_quorum(ctx: &Ctx, room: &RoomRecord) -> ApiResult<()> {
     let w = room
         .settings
@@ -31,6 +36,12 @@ fn check_quorum(ctx: &Ctx, room: &RoomRecord) -> ApiResult<()> {
         .min(ctx.replicas.max(1));
     if w == 0 {
         return Err(ApiError::Invalid("write quorum is 0".into()));
+    }
+    if w > TIMELINE_COPIES {
+        return Err(ApiError::Unavailable(format!(
+            "{} needs W={w} durable copies of each message, but this cluster cannot yet replicate              messages between nodes; rooms created with write quorum 1 accept messages",
+            room.name
+        )));
     }
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! - `messages.rs`: SendMessage, EditMessage, DeleteMessage, React, SendDirect, History
 //! - `subscribe.rs`: Subscribe (replay from a cursor, then live)
 //! - `presence.rs`: SetPresence, GetPresence, SetTyping, MarkRead, GetReceipts
+//! - `cluster.rs`: ClusterStatus (operators; no token)
 //! - `http.rs`: `/healthz`, `/metrics`
 //!
 //! This layer checks who may do what (auth, membership, bans) before it calls into
@@ -32,6 +33,7 @@ use crate::replication::presence::Presence;
 use crate::replication::Timelines;
 
 pub mod auth;
+mod cluster;
 pub mod error;
 pub mod http;
 mod members;
@@ -77,6 +79,8 @@ pub struct Ctx {
     pub write_quorum: u8,
     /// Replicas per partition (1 on a single node).
     pub replicas: u8,
+    pub cluster: String,
+    pub discovery: Option<crate::discovery::Discovery>,
     pub metrics: Metrics,
     pub db: crate::store::Db,
 }
@@ -103,7 +107,10 @@ impl Ctx {
             (self.placement.of_room(&id), Key::Id(id))
         } else {
             validate_room_name(room)?;
-            (self.placement.of_room_name(room), Key::Name(room.to_owned()))
+            (
+                self.placement.of_room_name(room),
+                Key::Name(room.to_owned()),
+            )
         };
         let found = if strong {
             self.groups.read_strong(p, |s| key.find(s)).await?
@@ -453,5 +460,12 @@ impl Chat for ChatService {
     ) -> Result<Response<pb::GetReceiptsResponse>, Status> {
         authed!(self, req, |u, body| presence::receipts(&self.ctx, &u, body)
             .await)
+    }
+
+    async fn cluster_status(
+        &self,
+        _req: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        answer(&self.ctx, cluster::status(&self.ctx).await)
     }
 }

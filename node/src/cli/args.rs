@@ -250,6 +250,12 @@ pub struct ServeArgs {
     /// Test only: shift this node's wall clock.
     #[arg(long, default_value_t = 0, hide = true, allow_hyphen_values = true)]
     pub clock_offset_ms: i64,
+    /// Cluster name: nodes of different clusters on one network never mix.
+    #[arg(long, default_value = "parley", value_name = "NAME")]
+    pub cluster: String,
+    /// How long a fresh node waits for its peers (--bootstrap-expect) before giving up.
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    pub genesis_timeout: u64,
 }
 
 /// `--since`: an RFC 3339 time to Unix milliseconds.

@@ -373,8 +373,8 @@ async fn moderate(
     Ok(())
 }
 
-/// `cluster status`: asks the node's standard health service, then (with a token)
-/// who we are, and prints the address that answered.
+/// `cluster status`: the node's health, then the cluster as it sees it: nodes with
+/// liveness, and each group's voters, leader, term and applied index.
 async fn cluster_status(ctx: &Ctx) -> anyhow::Result<()> {
     let ch = client::channel(&ctx.node).await?;
     let resp = HealthClient::new(ch)
@@ -384,20 +384,92 @@ async fn cluster_status(ctx: &Ctx) -> anyhow::Result<()> {
         .await
         .context("health check")?
         .into_inner();
-    let status = match ServingStatus::try_from(resp.status) {
+    let health = match ServingStatus::try_from(resp.status) {
         Ok(ServingStatus::Serving) => "SERVING",
         Ok(ServingStatus::NotServing) => "NOT_SERVING",
         Ok(ServingStatus::ServiceUnknown) => "SERVICE_UNKNOWN",
         _ => "UNKNOWN",
     };
-    ctx.out.either(
-        &format!("node {}: {status}", ctx.node),
-        json!({"node": ctx.node, "health": status}),
-    )?;
-    if status != "SERVING" {
+    if health != "SERVING" {
         return Err(
-            tonic::Status::unavailable(format!("the node at {} is {status}", ctx.node)).into(),
+            tonic::Status::unavailable(format!("the node at {} is {health}", ctx.node)).into(),
         );
+    }
+    let st = ctx
+        .client()
+        .await?
+        .cluster_status(rq(parley_proto::v1::ClusterStatusRequest {}))
+        .await?
+        .into_inner();
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    let group_name = |g: u32| {
+        if g == 0 {
+            "meta".to_string()
+        } else {
+            format!("p{}", g - 1)
+        }
+    };
+    let join = |v: &[u64]| {
+        v.iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    if ctx.out.json {
+        ctx.out.value(
+            &json!({"cluster": st.cluster, "node": st.node_id, "address": ctx.node,
+            "health": health, "partitions": st.partitions}),
+        )?;
+        for n in &st.nodes {
+            ctx.out.value(
+                &json!({"node_id": n.node_id, "grpc": n.grpc_addr, "http": n.http_addr,
+                "p2p": n.p2p, "alive": n.alive, "registered": n.registered}),
+            )?;
+        }
+        for g in &st.groups {
+            ctx.out.value(&json!({"group": group_name(g.group), "voters": g.voters,
+                "leader": (g.leader != 0).then_some(g.leader), "term": g.term,
+                "applied_index": g.applied_index, "last_log_index": g.last_log_index, "local": g.local}))?;
+        }
+        return Ok(());
+    }
+    ctx.out.line(&format!(
+        "cluster {} seen from node {} ({}, {health}); {} partitions",
+        st.cluster, st.node_id, ctx.node, st.partitions
+    ))?;
+    ctx.out.line(&format!(
+        "{:<12} {:<22} {:<22} {:<6} {}",
+        "NODE", "GRPC", "HTTP", "ALIVE", "REGISTERED"
+    ))?;
+    for n in &st.nodes {
+        ctx.out.line(&format!(
+            "{:<12} {:<22} {:<22} {:<6} {}",
+            n.node_id,
+            n.grpc_addr,
+            n.http_addr,
+            yes(n.alive),
+            yes(n.registered)
+        ))?;
+    }
+    ctx.out.line(&format!(
+        "{:<6} {:<36} {:<12} {:<6} {:<8} {}",
+        "GROUP", "VOTERS", "LEADER", "TERM", "APPLIED", "LOCAL"
+    ))?;
+    for g in &st.groups {
+        let leader = if g.leader == 0 {
+            "-".to_string()
+        } else {
+            g.leader.to_string()
+        };
+        ctx.out.line(&format!(
+            "{:<6} {:<36} {:<12} {:<6} {:<8} {}",
+            group_name(g.group),
+            join(&g.voters),
+            leader,
+            g.term,
+            g.applied_index,
+            yes(g.local)
+        ))?;
     }
     Ok(())
 }

@@ -21,6 +21,8 @@ impl ServeArgs {
         c.write_quorum = self.write_quorum;
         c.presence_ttl = Duration::from_secs(self.presence_ttl);
         c.clock_offset_ms = self.clock_offset_ms;
+        c.cluster = self.cluster.clone();
+        c.genesis_timeout = Duration::from_secs(self.genesis_timeout);
         c
     }
 }

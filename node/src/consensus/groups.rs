@@ -452,6 +452,14 @@ impl Groups {
         }
     }
 
+    /// Local read of any group (the meta group included), or `None` without a local replica.
+    pub fn read_group<T>(&self, gid: GroupId, f: impl FnOnce(&State) -> T) -> Option<T> {
+        self.inner
+            .groups
+            .get(&gid)
+            .map(|g| f(&g.state.read().unwrap_or_else(|e| e.into_inner())))
+    }
+
     /// Local read, or `None` when this node holds no replica of `p`.
     pub fn try_read<T>(&self, p: PartitionId, f: impl FnOnce(&State) -> T) -> Option<T> {
         self.group(p)

@@ -297,6 +297,7 @@ impl Cluster for ClusterRaftService {
             node_id: self.groups.node_id().0,
             grpc_addr: self.groups.grpc_addr().to_string(),
             http_addr: self.http_addr.map(|a| a.to_string()).unwrap_or_default(),
+            plan: codec::encode(self.groups.plan()),
         }))
     }
 }

@@ -199,9 +199,7 @@ impl Groups {
         }
         let (reachable, total) = self.reachable_replicas(gid).await;
         Err(ConsensusError::Unavailable {
-            reason: format!(
-                "{p} has no leader: {reachable} of {total} replicas reachable ({why})"
-            ),
+            reason: format!("{p} has no leader: {reachable} of {total} replicas reachable ({why})"),
         })
     }
 

@@ -203,8 +203,7 @@ impl Timelines {
         if g.is_none() {
             *g = Some(self.load(room)?);
         }
-        g.as_mut()
-            .ok_or(TimelineError::Storage(StoreError::Closed))
+        g.as_mut().ok_or(TimelineError::Storage(StoreError::Closed))
     }
 
     fn load(&self, room: &RoomId) -> Result<RoomDoc, TimelineError> {

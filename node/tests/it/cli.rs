@@ -103,13 +103,28 @@ fn users_rooms_membership_and_roles() {
         .args(["--token", &alice, "whoami"]);
     assert_eq!(support::run(cmd, "whoami (env + flag)").ok(), "alice");
 
-    // cluster status: health of the node we talk to.
+    // cluster status: health, then nodes and groups as the node sees them.
     let st = node.cli(None, &["cluster", "status"]).ok().to_owned();
     assert!(st.contains(&node.addr()) && st.contains("SERVING"), "{st}");
-    assert_eq!(
-        node.cli(None, &["--json", "cluster", "status"]).json1()["health"],
-        "SERVING"
-    );
+    let lines = node.cli(None, &["--json", "cluster", "status"]).json();
+    assert_eq!(lines[0]["health"], "SERVING");
+    assert_eq!(lines[0]["partitions"], 16);
+    let nodes: Vec<_> = lines.iter().filter(|l| l.get("node_id").is_some()).collect();
+    assert_eq!(nodes.len(), 1, "{lines:?}");
+    assert_eq!(nodes[0]["alive"], true);
+    let groups: Vec<_> = lines.iter().filter(|l| l.get("group").is_some()).collect();
+    assert_eq!(groups.len(), 17, "the meta group and 16 partitions: {lines:?}");
+    assert!(groups.iter().all(|g| g["leader"] == nodes[0]["node_id"] && g["local"] == true), "{groups:?}");
+    // Registration in the meta group happens just after the node starts serving.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let lines = node.cli(None, &["--json", "cluster", "status"]).json();
+        if lines.iter().any(|l| l["registered"] == true) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "node never registered: {lines:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 
     // room create (human prints the id; --json the room).
     let general = node

@@ -181,7 +181,9 @@ pub enum Command {
         role: Role,
     },
     /// Meta group: records (or updates the addresses of) a node of the cluster.
-    RegisterNode { info: NodeInfo },
+    RegisterNode {
+        info: NodeInfo,
+    },
 }
 
 /// What a successful command did, for the caller and for the event stream.
@@ -205,7 +207,10 @@ pub enum Applied {
         changed: bool,
     },
     /// `new` is false when the node was registered already (its addresses may have changed).
-    NodeRegistered { node: u64, new: bool },
+    NodeRegistered {
+        node: u64,
+        new: bool,
+    },
 }
 
 /// Why a command was refused. The state is unchanged.
