@@ -38,7 +38,7 @@ pub fn parse_token(token: &str) -> Option<(UserId, &str)> {
 }
 
 /// The user a request's `authorization: Bearer <token>` belongs to.
-pub fn authenticate(ctx: &Ctx, md: &MetadataMap) -> ApiResult<UserId> {
+pub async fn authenticate(ctx: &Ctx, md: &MetadataMap) -> ApiResult<UserId> {
     let raw = md.get("authorization").ok_or_else(|| {
         ApiError::Unauthenticated("missing token: pass `authorization: Bearer <token>`".into())
     })?;
@@ -57,12 +57,14 @@ pub fn authenticate(ctx: &Ctx, md: &MetadataMap) -> ApiResult<UserId> {
         )));
     }
     let hash = hash_secret(secret);
-    let ok = ctx.groups.read(p, |s| {
-        s.users
-            .get(&user)
-            .is_some_and(|u| same(&u.token_hash, &hash))
-    });
-    if ok {
+    let check =
+        |s: &crate::consensus::state::State| s.users.get(&user).map(|u| same(&u.token_hash, &hash));
+    let mut known = ctx.groups.read(p, check);
+    if known.is_none() {
+        // Created through another node a moment ago? Ask the leader before saying no.
+        known = ctx.groups.read_strong(p, check).await?;
+    }
+    if known == Some(true) {
         Ok(user)
     } else {
         Err(ApiError::Unauthenticated("unknown token".into()))

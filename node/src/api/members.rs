@@ -90,7 +90,7 @@ pub(super) async fn list(
         ctx.groups.read(p, read)
     };
     if !is_member {
-        ctx.require_member(&room, user)?;
+        ctx.require_member(&room, user).await?;
     }
     Ok(pb::ListMembersResponse { members, banned })
 }
@@ -114,7 +114,7 @@ pub(super) async fn moderate(
     let target = match action {
         // An unban must work even for a user deleted since the ban.
         pb::ModerateAction::ModerateUnban => UserId::parse(req.user.trim())?,
-        _ => ctx.existing_user(&req.user)?,
+        _ => ctx.existing_user(&req.user).await?,
     };
     let (room_id, by, at) = (room.id.clone(), by.clone(), ctx.hlc.wall_ms());
     let cmd = match action {

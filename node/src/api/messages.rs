@@ -61,7 +61,7 @@ async fn append(
         )));
     }
     let after = opt_message_id(after, "after")?;
-    ctx.require_member(room, user)?;
+    ctx.require_member(room, user).await?;
     check_quorum(ctx, room)?;
     let appended = ctx
         .timelines
@@ -97,7 +97,7 @@ pub(super) async fn send_direct(
     user: &UserId,
     req: pb::SendDirectRequest,
 ) -> ApiResult<pb::SendMessageResponse> {
-    let to = ctx.existing_user(&req.user)?;
+    let to = ctx.existing_user(&req.user).await?;
     if &to == user {
         return Err(ApiError::Invalid(
             "you cannot send a direct message to yourself".into(),
@@ -147,7 +147,7 @@ pub(super) async fn edit(
     let room = ctx.resolve_room(&req.room, false).await?;
     let target = message_id(&req.message_id)?;
     let text = validate_text(req.text)?;
-    ctx.require_member(&room, user)?;
+    ctx.require_member(&room, user).await?;
     Ok(ack(ctx
         .timelines
         .edit(&room.id, user, target, text)
@@ -162,7 +162,7 @@ pub(super) async fn delete(
 ) -> ApiResult<pb::SendMessageResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
     let target = message_id(&req.message_id)?;
-    let me = ctx.require_member(&room, user)?;
+    let me = ctx.require_member(&room, user).await?;
     Ok(ack(ctx
         .timelines
         .delete(&room.id, user, me.role == Role::Admin, target)
@@ -183,7 +183,7 @@ pub(super) async fn react(
             "a reaction is 1 to 32 bytes without spaces".into(),
         ));
     }
-    ctx.require_member(&room, user)?;
+    ctx.require_member(&room, user).await?;
     Ok(ack(ctx
         .timelines
         .react(&room.id, user, target, emoji, req.remove)
@@ -197,7 +197,7 @@ pub(super) async fn history(
     req: pb::HistoryRequest,
 ) -> ApiResult<pb::HistoryResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
-    ctx.require_member(&room, user)?;
+    ctx.require_member(&room, user).await?;
     let given = [
         !req.before.is_empty(),
         !req.after.is_empty(),

@@ -115,21 +115,42 @@ impl Ctx {
         let found = if strong {
             self.groups.read_strong(p, |s| key.find(s)).await?
         } else {
-            self.groups.read(p, |s| key.find(s))
+            match self.groups.read(p, |s| key.find(s)) {
+                Some(r) => Some(r),
+                // Created through another node a moment ago? Ask the leader before saying no.
+                None => self
+                    .groups
+                    .read_strong(p, |s| key.find(s))
+                    .await
+                    .ok()
+                    .flatten(),
+            }
         };
         found.ok_or_else(|| ApiError::NotFound(format!("room {room} not found")))
     }
 
-    /// The caller's membership of a room, or PERMISSION_DENIED saying why not.
-    pub fn require_member(&self, room: &RoomRecord, user: &UserId) -> ApiResult<MemberRecord> {
+    /// The caller's membership of a room, or PERMISSION_DENIED saying why not. A refusal
+    /// from the local replica is confirmed by a linearizable read first, so a join made
+    /// through another node a moment ago counts here too.
+    pub async fn require_member(
+        &self,
+        room: &RoomRecord,
+        user: &UserId,
+    ) -> ApiResult<MemberRecord> {
         let p = self.placement.of_room(&room.id);
-        let (member, banned) = self.groups.read(p, |s| {
+        let look = |s: &State| {
             (
                 s.member(&room.id, user).cloned(),
                 s.is_banned(&room.id, user),
             )
-        });
-        match (member, banned) {
+        };
+        let mut found = self.groups.read(p, look);
+        if found.0.is_none() {
+            if let Ok(strong) = self.groups.read_strong(p, look).await {
+                found = strong;
+            }
+        }
+        match found {
             (Some(m), _) => Ok(m),
             (None, true) => Err(ApiError::PermissionDenied(format!(
                 "you are banned from {}",
@@ -142,16 +163,17 @@ impl Ctx {
         }
     }
 
-    /// Whether a user exists (local read of the user's partition).
-    pub fn user_exists(&self, user: &UserId) -> bool {
-        self.groups
-            .read(self.placement.of_user(user), |s| s.users.contains_key(user))
+    /// Whether a user exists: the local replica, confirmed linearizably when it says no.
+    pub async fn user_exists(&self, user: &UserId) -> bool {
+        let p = self.placement.of_user(user);
+        let look = |s: &State| s.users.contains_key(user);
+        self.groups.read(p, look) || self.groups.read_strong(p, look).await.unwrap_or(false)
     }
 
     /// Parses a user name and checks the user exists.
-    pub fn existing_user(&self, name: &str) -> ApiResult<UserId> {
+    pub async fn existing_user(&self, name: &str) -> ApiResult<UserId> {
         let u = UserId::parse(name.trim())?;
-        if !self.user_exists(&u) {
+        if !self.user_exists(&u).await {
             return Err(ApiError::NotFound(format!("user {u} not found")));
         }
         Ok(u)
@@ -264,7 +286,7 @@ fn answer<T>(ctx: &Ctx, r: ApiResult<T>) -> Result<Response<T>, Status> {
 /// and answers through the one error mapping.
 macro_rules! authed {
     ($self:ident, $req:ident, |$u:ident, $body:ident| $call:expr) => {{
-        let r = match auth::authenticate(&$self.ctx, $req.metadata()) {
+        let r = match auth::authenticate(&$self.ctx, $req.metadata()).await {
             Ok($u) => {
                 let $body = $req.into_inner();
                 $call
@@ -291,6 +313,7 @@ impl Chat for ChatService {
         req: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::User>, Status> {
         let r = auth::authenticate(&self.ctx, req.metadata())
+            .await
             .and_then(|u| users::who_am_i(&self.ctx, &u));
         answer(&self.ctx, r)
     }

@@ -83,7 +83,7 @@ pub(super) async fn get(
     req: pb::GetPresenceRequest,
 ) -> ApiResult<pb::GetPresenceResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
-    ctx.require_member(&room, user)?;
+    ctx.require_member(&room, user).await?;
     let members = members_of(ctx, &room.id);
     let users = members
         .iter()
@@ -115,7 +115,7 @@ pub(super) async fn typing(
     req: pb::SetTypingRequest,
 ) -> ApiResult<pb::SetTypingResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
-    ctx.require_member(&room, user)?;
+    ctx.require_member(&room, user).await?;
     if ctx.presence.set_typing(&room.id, user, req.typing) {
         announce_typing(ctx, &room.id, user, req.typing);
     }
@@ -129,7 +129,7 @@ pub(super) async fn mark_read(
     req: pb::MarkReadRequest,
 ) -> ApiResult<pb::MarkReadResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
-    ctx.require_member(&room, user)?;
+    ctx.require_member(&room, user).await?;
     let id = message_id(&req.message_id)?;
     if ctx.timelines.get_message(&room.id, id)?.is_none() {
         return Err(ApiError::NotFound(format!(
@@ -162,7 +162,7 @@ pub(super) async fn receipts(
     req: pb::GetReceiptsRequest,
 ) -> ApiResult<pb::GetReceiptsResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
-    ctx.require_member(&room, user)?;
+    ctx.require_member(&room, user).await?;
     let id = message_id(&req.message_id)?;
     if ctx.timelines.get_message(&room.id, id)?.is_none() {
         return Err(ApiError::NotFound(format!(

@@ -91,7 +91,7 @@ pub(super) async fn get(ctx: &Ctx, user: &UserId, req: pb::GetRoomRequest) -> Ap
     let strong = req.consistency == pb::Consistency::Strong as i32;
     let room = ctx.resolve_room(&req.room, strong).await?;
     if room.kind == RoomKind::Direct {
-        ctx.require_member(&room, user)?;
+        ctx.require_member(&room, user).await?;
     }
     Ok(ctx.room_view(&room, user))
 }

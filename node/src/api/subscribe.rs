@@ -56,7 +56,7 @@ pub(super) async fn subscribe(
     let mut last: BTreeMap<RoomId, MessageId> = BTreeMap::new();
     let mut start: Vec<(RoomId, MessageId, MessageId)> = Vec::new();
     for room in &rooms {
-        ctx.require_member(room, &user)?;
+        ctx.require_member(room, &user).await?;
         ctx.timelines.ensure_loaded(&room.id).await?;
         let (rx, watermark) = ctx
             .hub

@@ -109,12 +109,24 @@ fn users_rooms_membership_and_roles() {
     let lines = node.cli(None, &["--json", "cluster", "status"]).json();
     assert_eq!(lines[0]["health"], "SERVING");
     assert_eq!(lines[0]["partitions"], 16);
-    let nodes: Vec<_> = lines.iter().filter(|l| l.get("node_id").is_some()).collect();
+    let nodes: Vec<_> = lines
+        .iter()
+        .filter(|l| l.get("node_id").is_some())
+        .collect();
     assert_eq!(nodes.len(), 1, "{lines:?}");
     assert_eq!(nodes[0]["alive"], true);
     let groups: Vec<_> = lines.iter().filter(|l| l.get("group").is_some()).collect();
-    assert_eq!(groups.len(), 17, "the meta group and 16 partitions: {lines:?}");
-    assert!(groups.iter().all(|g| g["leader"] == nodes[0]["node_id"] && g["local"] == true), "{groups:?}");
+    assert_eq!(
+        groups.len(),
+        17,
+        "the meta group and 16 partitions: {lines:?}"
+    );
+    assert!(
+        groups
+            .iter()
+            .all(|g| g["leader"] == nodes[0]["node_id"] && g["local"] == true),
+        "{groups:?}"
+    );
     // Registration in the meta group happens just after the node starts serving.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -122,7 +134,10 @@ fn users_rooms_membership_and_roles() {
         if lines.iter().any(|l| l["registered"] == true) {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "node never registered: {lines:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node never registered: {lines:?}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 

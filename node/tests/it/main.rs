@@ -1,6 +1,7 @@
 //! Integration tests of the parley node: real sockets, real sled, real processes.
 //!
 //! - `api`: in-process nodes driven through the gRPC API.
+//! - `cluster`: three real processes forming a cluster; leader kill, quorum loss, restarts.
 //! - `cli`: the `parley` binary's command-line contract (DESIGN §6) against a real node.
 //! - `crash`: kill -9 under load; nothing acked is lost or duplicated.
 //! - `support`: starting the binary, running CLI commands, clients.
@@ -9,5 +10,6 @@
 
 mod api;
 mod cli;
+mod cluster;
 mod crash;
 mod support;

@@ -146,10 +146,25 @@ fn logs(dir: &Path) -> String {
 /// Starts `parley serve` in `<dir>/data`, logging to `<dir>/logs/run-N.log`, and waits
 /// until `node.json` names this child's pid.
 fn spawn(dir: &Path, n: u32) -> (Child, Bound) {
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--p2p",
+        "/ip4/127.0.0.1/tcp/0",
+    ]
+    .map(String::from);
+    let child = spawn_child(dir, n, &args);
+    wait_bound(dir, child, START_TIMEOUT)
+}
+
+/// Starts `parley serve` in `<dir>/data` with `args`, logging to `<dir>/logs/run-N.log`.
+fn spawn_child(dir: &Path, n: u32, args: &[String]) -> Child {
     let data = dir.join("data");
     let log = File::create(dir.join("logs").join(format!("run-{n}.log"))).expect("log file");
     let log2 = log.try_clone().expect("log file");
-    let mut child = Command::new(BIN)
+    Command::new(BIN)
         .env_remove("PARLEY_NODE")
         .env_remove("PARLEY_TOKEN")
         .env(
@@ -159,22 +174,20 @@ fn spawn(dir: &Path, n: u32) -> (Child, Bound) {
         .arg("serve")
         .arg("--data-dir")
         .arg(&data)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--p2p",
-            "/ip4/127.0.0.1/tcp/0",
-        ])
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2))
         .spawn()
-        .expect("spawn parley serve");
+        .expect("spawn parley serve")
+}
+
+/// Waits until `<dir>/data/node.json` names `child`'s pid.
+fn wait_bound(dir: &Path, mut child: Child, within: Duration) -> (Child, Bound) {
+    let data = dir.join("data");
     let pid = child.id();
     let file = data.join("node.json");
-    let deadline = Instant::now() + START_TIMEOUT;
+    let deadline = Instant::now() + within;
     loop {
         if let Some(b) = std::fs::read(&file)
             .ok()
@@ -191,7 +204,7 @@ fn spawn(dir: &Path, n: u32) -> (Child, Bound) {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "parley serve did not write node.json within {START_TIMEOUT:?}:\n{}",
+                "parley serve did not write node.json within {within:?}:\n{}",
                 logs(dir)
             );
         }
@@ -431,4 +444,93 @@ pub async fn all_messages(c: &mut Client, room: &str) -> Result<Vec<pb::Message>
 /// `s` as an OS string (for [`Node::cli_os`]).
 pub fn os(s: impl AsRef<OsStr>) -> OsString {
     s.as_ref().to_owned()
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released; cluster nodes need fixed ports
+/// because Raft membership names each node's gRPC address).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// N `parley serve` processes forming one cluster (`--bootstrap-expect N`, every node
+/// joining the first), each on fixed ports so that it can be killed and restarted.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    args: Vec<Vec<String>>,
+}
+
+impl Cluster {
+    pub fn start(n: usize) -> Self {
+        let ports: Vec<(u16, u16, u16)> = (0..n)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let seed = format!("/ip4/127.0.0.1/tcp/{}", ports[0].2);
+        let mut args = Vec::new();
+        let mut started = Vec::new();
+        for (i, (g, h, p)) in ports.iter().enumerate() {
+            let dir = tempfile::Builder::new()
+                .prefix("parley-cluster-")
+                .tempdir()
+                .expect("temp dir");
+            std::fs::create_dir_all(dir.path().join("logs")).expect("logs dir");
+            let mut a: Vec<String> = vec![
+                "--listen".into(),
+                format!("127.0.0.1:{g}"),
+                "--http".into(),
+                format!("127.0.0.1:{h}"),
+                "--p2p".into(),
+                format!("/ip4/127.0.0.1/tcp/{p}"),
+                "--bootstrap-expect".into(),
+                n.to_string(),
+                "--node-id".into(),
+                (i + 1).to_string(),
+                "--genesis-timeout".into(),
+                "60".into(),
+            ];
+            if i > 0 {
+                a.push("--join".into());
+                a.push(seed.clone());
+            }
+            let child = spawn_child(dir.path(), 0, &a);
+            started.push((dir, child));
+            args.push(a);
+        }
+        let nodes = started
+            .into_iter()
+            .map(|(dir, child)| {
+                let (child, bound) = wait_bound(dir.path(), child, Duration::from_secs(90));
+                Node {
+                    child: Some(child),
+                    dir,
+                    bound,
+                    starts: 1,
+                }
+            })
+            .collect();
+        Self { nodes, args }
+    }
+
+    /// Starts node `i` again on its data dir and ports (killing it first if it runs).
+    pub fn restart(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        node.kill9();
+        let _ = std::fs::remove_file(node.data_dir().join("node.json"));
+        let child = spawn_child(node.dir.path(), node.starts, &self.args[i]);
+        let (child, bound) = wait_bound(node.dir.path(), child, Duration::from_secs(60));
+        node.starts += 1;
+        node.child = Some(child);
+        node.bound = bound;
+    }
+
+    /// Every node's logs, for failure messages.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(Node::logs)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
 }

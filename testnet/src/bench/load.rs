@@ -1,0 +1,274 @@
+//! The load phase: subscriber tasks that time deliveries, sender tasks that send and
+//! time acks (closed or open loop), the live counters the progress bar reads.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use parley_proto::v1::chat_client::ChatClient;
+use parley_proto::v1::{event, Event, SendMessageRequest};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use super::payload::Stamp;
+use super::schedule::{room_of, Pace};
+use super::setup::{authed, User};
+use super::stats::{new_hist, record, Collector, SubscriberLog, Timeline};
+
+/// Microseconds since the bench clock's origin (taken before setup).
+#[derive(Clone, Copy)]
+pub struct Clock {
+    base: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Self {
+            base: Instant::now(),
+        }
+    }
+
+    pub fn now_us(&self) -> u64 {
+        self.us_at(Instant::now())
+    }
+
+    pub fn us_at(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.base).as_micros() as u64
+    }
+}
+
+/// Counters read live by the progress display and the drain loop.
+#[derive(Default)]
+pub struct Live {
+    pub acked: AtomicU64,
+    pub errors: AtomicU64,
+    /// First copies only (a duplicate is not progress).
+    pub delivered: AtomicU64,
+    pub last_ack_us: AtomicU64,
+    pub last_delivery_us: AtomicU64,
+}
+
+/// Shared by all subscriber tasks: the collector (behind a mutex, fed in batches) and
+/// the load start, which timeline seconds count from.
+pub struct Shared {
+    pub clock: Clock,
+    pub live: Live,
+    pub collector: Mutex<Collector>,
+    pub load_start_us: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(clock: Clock) -> Self {
+        Self {
+            clock,
+            live: Live::default(),
+            collector: Mutex::new(Collector::default()),
+            load_start_us: AtomicU64::new(0),
+        }
+    }
+
+    fn flush(&self, batch: &mut Vec<(u64, u64)>) {
+        if batch.is_empty() {
+            return;
+        }
+        let origin = self.load_start_us.load(Ordering::Relaxed);
+        for (sent, recv) in batch.iter_mut() {
+            *sent = sent.saturating_sub(origin);
+            *recv = recv.saturating_sub(origin);
+        }
+        if let Ok(mut c) = self.collector.lock() {
+            c.record_deliveries(batch);
+        }
+        batch.clear();
+    }
+}
+
+const FLUSH_EVERY: usize = 512;
+const FLUSH_AFTER_US: u64 = 250_000;
+
+/// Reads one subscription until `stop` flips or the stream ends.
+pub async fn subscriber(
+    room: usize,
+    mut stream: tonic::Streaming<Event>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> SubscriberLog {
+    let mut log = SubscriberLog::new(room);
+    let mut batch = Vec::with_capacity(FLUSH_EVERY);
+    let mut last_flush = shared.clock.now_us();
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            next = stream.message() => next,
+        };
+        match next {
+            Ok(Some(Event {
+                kind: Some(event::Kind::Message(m)),
+                ..
+            })) => {
+                let now = shared.clock.now_us();
+                match Stamp::decode(&m.text) {
+                    Some(stamp) => {
+                        if log.observe(stamp.key()) {
+                            batch.push((stamp.sent_us, now));
+                            shared.live.delivered.fetch_add(1, Ordering::Relaxed);
+                            shared
+                                .live
+                                .last_delivery_us
+                                .fetch_max(now, Ordering::Relaxed);
+                        }
+                    }
+                    None => log.foreign += 1,
+                }
+                if batch.len() >= FLUSH_EVERY || now.saturating_sub(last_flush) > FLUSH_AFTER_US {
+                    shared.flush(&mut batch);
+                    last_flush = now;
+                }
+            }
+            Ok(Some(_)) => {} // membership, presence, typing: not part of the bench
+            Ok(None) => {
+                log.error = Some("stream ended by the server".into());
+                break;
+            }
+            Err(s) => {
+                log.error = Some(format!("{:?}: {}", s.code(), s.message()));
+                break;
+            }
+        }
+    }
+    shared.flush(&mut batch);
+    log
+}
+
+/// What one sender needs.
+pub struct SenderPlan {
+    pub index: usize,
+    pub client: ChatClient<Channel>,
+    pub user: User,
+    pub room_ids: Arc<Vec<String>>,
+    pub rooms_per_sender: usize,
+    pub size: usize,
+    pub inflight: usize,
+    /// Messages this sender sends at most (`u64::MAX` when bounded by time only).
+    pub quota: u64,
+    /// No send starts at or after this instant (duration bound, or the safety bound).
+    pub stop_sending: Instant,
+    pub pace: Option<Pace>,
+    pub load_start: Instant,
+    pub rpc_timeout: Duration,
+    pub run_id: String,
+}
+
+/// What one sender did.
+pub struct SenderLog {
+    pub ack: Histogram<u64>,
+    /// `(stamp key, room index)` of every acked send.
+    pub acked: Vec<(u64, u32)>,
+    pub errors: BTreeMap<String, u64>,
+    /// Due but never sent because the safety bound came first.
+    pub unsent: u64,
+    pub timeline: Timeline,
+}
+
+type SendOutcome = (u64, u32, u64, Result<(), String>);
+
+pub async fn sender(plan: SenderPlan, shared: Arc<Shared>) -> SenderLog {
+    let clock = shared.clock;
+    let origin = clock.us_at(plan.load_start);
+    let mut log = SenderLog {
+        ack: new_hist(),
+        acked: Vec::new(),
+        errors: BTreeMap::new(),
+        unsent: 0,
+        timeline: Timeline::default(),
+    };
+    let mut pending = FuturesUnordered::new();
+    let on_done = |log: &mut SenderLog, (key, room, due_us, res): SendOutcome| {
+        let now = clock.now_us();
+        match res {
+            Ok(()) => {
+                record(&mut log.ack, now.saturating_sub(due_us));
+                log.acked.push((key, room));
+                log.timeline.add_acked(now.saturating_sub(origin));
+                shared.live.acked.fetch_add(1, Ordering::Relaxed);
+                shared.live.last_ack_us.fetch_max(now, Ordering::Relaxed);
+            }
+            Err(code) => {
+                *log.errors.entry(code).or_default() += 1;
+                log.timeline.add_error(now.saturating_sub(origin));
+                shared.live.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    };
+    let mut j: u64 = 0;
+    while j < plan.quota {
+        let due = match plan.pace {
+            Some(p) => {
+                let due = plan.load_start + p.due(j);
+                let due_tokio = tokio::time::Instant::from_std(due);
+                // Collect acks while waiting for this message's slot.
+                loop {
+                    if pending.is_empty() {
+                        tokio::time::sleep_until(due_tokio).await;
+                        break;
+                    }
+                    tokio::select! {
+                        biased;
+                        Some(done) = pending.next() => on_done(&mut log, done),
+                        _ = tokio::time::sleep_until(due_tokio) => break,
+                    }
+                }
+                due
+            }
+            None => Instant::now(),
+        };
+        while pending.len() >= plan.inflight.max(1) {
+            match pending.next().await {
+                Some(done) => on_done(&mut log, done),
+                None => break,
+            }
+        }
+        if Instant::now() >= plan.stop_sending {
+            if plan.quota != u64::MAX {
+                log.unsent = plan.quota - j;
+            }
+            break;
+        }
+        let room = room_of(plan.index, j, plan.room_ids.len(), plan.rooms_per_sender);
+        let stamp = Stamp {
+            sent_us: clock.us_at(due),
+            sender: plan.index as u32,
+            seq: j as u32,
+        };
+        let req = authed(
+            SendMessageRequest {
+                room: plan.room_ids[room].clone(),
+                text: stamp.encode(plan.size).into_bytes(),
+                client_msg_id: format!("{}-{}-{}", plan.run_id, plan.index, j),
+                after: String::new(),
+            },
+            &plan.user.auth,
+        );
+        let mut c = plan.client.clone();
+        let limit = plan.rpc_timeout + Duration::from_secs(1);
+        pending.push(async move {
+            let res = match tokio::time::timeout(limit, c.send_message(req)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(s)) => Err(format!("{:?}", s.code())),
+                Err(_) => Err("ClientTimeout".to_string()),
+            };
+            (stamp.key(), room as u32, stamp.sent_us, res)
+        });
+        j += 1;
+    }
+    // Every call in flight has its own deadline, so this ends.
+    while let Some(done) = pending.next().await {
+        on_done(&mut log, done);
+    }
+    log
+}

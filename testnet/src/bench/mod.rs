@@ -1,0 +1,583 @@
+//! `testnet bench`: the group-chat load benchmark.
+//!
+//! The workload mirrors the NATS JetStream peer bench (`/work/shared/peers/nats-bench`)
+//! so figures compare: `--senders` connections send `--size`-byte messages round-robin
+//! over `--rooms` rooms and await every ack (`--inflight` outstanding per sender, or
+//! open loop at `--rate`), while `--subscribers-per-room` Subscribe streams per room
+//! (one connection and user each) time send→delivery from a stamp in the text.
+//!
+//! - [`payload`]: the stamp in each message's text.
+//! - [`schedule`]: message split, open-loop pacing, room choice.
+//! - [`setup`]: users, rooms, joins, subscriptions (bounded retries).
+//! - [`load`]: sender and subscriber tasks, live counters.
+//! - [`stats`]: histograms, per-second timeline, lost/duplicate check.
+//! - [`report`], [`svg`]: the table, JSON and chart.
+//!
+//! Every phase is bounded: setup by per-step retry budgets, sending by `--duration`
+//! or `--messages` plus a safety bound, the drain by `--drain`, the whole run by
+//! `--timeout`. Nodes started here are stopped by PID on every path out.
+
+mod load;
+mod payload;
+mod report;
+mod schedule;
+mod setup;
+mod stats;
+mod svg;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::sync::watch;
+
+use crate::duration;
+use crate::nodes::{self, NodeProc, ProcSample};
+use load::{Clock, SenderLog, SenderPlan, Shared};
+use report::{ConfigEcho, ProcReport, Report};
+use stats::{check_deliveries, merge_codes, new_hist, LatencySummary, SubscriberLog};
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// gRPC addresses of running nodes (HOST:PORT,...). Without it a fresh node is
+    /// started in a temporary directory and stopped at the end.
+    #[arg(long, value_delimiter = ',', value_name = "ADDR,...")]
+    target: Vec<String>,
+    /// The `parley` binary to start (default: beside this executable).
+    #[arg(long, value_name = "PATH")]
+    parley: Option<PathBuf>,
+    /// Rooms.
+    #[arg(long, default_value_t = 100)]
+    rooms: usize,
+    /// Sending connections (one user each).
+    #[arg(long, default_value_t = 64)]
+    senders: usize,
+    /// Rooms each sender is a member of and sends to, round-robin (default: all).
+    #[arg(long)]
+    rooms_per_sender: Option<usize>,
+    /// Subscribe streams per room (one connection and user each).
+    #[arg(long, default_value_t = 3)]
+    subscribers_per_room: usize,
+    /// Message text size in bytes (at least 32: the timing stamp).
+    #[arg(long, default_value_t = 200)]
+    size: usize,
+    /// How long to send (default 30s unless --messages is given).
+    #[arg(long, value_parser = duration::parse, conflicts_with = "messages")]
+    duration: Option<Duration>,
+    /// Total messages to send, split evenly over the senders.
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Total send rate in msgs/s, spread over the senders (open loop, latency measured
+    /// from each message's scheduled time). 0 = closed loop.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Write quorum of the bench rooms (default: the cluster's).
+    #[arg(long)]
+    write_quorum: Option<u32>,
+    /// Unacked sends allowed per sender.
+    #[arg(long, default_value_t = 1)]
+    inflight: usize,
+    /// How long to wait for outstanding deliveries after the last ack.
+    #[arg(long, value_parser = duration::parse, default_value = "5s")]
+    drain: Duration,
+    /// Deadline of each RPC.
+    #[arg(long, value_parser = duration::parse, default_value = "10s")]
+    rpc_timeout: Duration,
+    /// Hard cap on the whole run (default: 3 min + the send phase + the drain).
+    #[arg(long, value_parser = duration::parse)]
+    timeout: Option<Duration>,
+    /// PIDs of externally started nodes whose CPU and memory to report.
+    #[arg(long, value_delimiter = ',', value_name = "PID,...")]
+    pids: Vec<u32>,
+    /// Concurrent setup calls (user creation, joins).
+    #[arg(long, default_value_t = 32)]
+    setup_concurrency: usize,
+    /// Write every figure as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Write an SVG chart of p50/p99 delivery latency per second.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Keep the started node's data directory.
+    #[arg(long)]
+    keep: bool,
+}
+
+impl BenchArgs {
+    fn validate(&self) -> Result<()> {
+        if self.size < payload::HEADER_LEN {
+            bail!("--size must be at least {}", payload::HEADER_LEN);
+        }
+        if self.rooms == 0 || self.senders == 0 || self.inflight == 0 {
+            bail!("--rooms, --senders and --inflight must be at least 1");
+        }
+        if self.senders > u32::MAX as usize {
+            bail!("--senders too large");
+        }
+        if !(self.rate >= 0.0 && self.rate.is_finite()) {
+            bail!("--rate must be a number >= 0");
+        }
+        if self.messages == Some(0) {
+            bail!("--messages must be at least 1");
+        }
+        Ok(())
+    }
+
+    fn send_window(&self) -> Duration {
+        self.duration.unwrap_or(Duration::from_secs(30))
+    }
+
+    /// When sending must stop at the latest, counted from the load start. Closed loop
+    /// with a duration stops at the duration; open loop sends every message that fell
+    /// due (late ones count their lateness) but gives up after a grace period.
+    fn send_bound(&self) -> Duration {
+        let grace = |planned: Duration| planned + (planned / 2).max(Duration::from_secs(10));
+        match (self.messages, self.rate > 0.0) {
+            (None, false) => self.send_window(),
+            (None, true) => grace(self.send_window()),
+            (Some(m), true) => grace(Duration::from_secs_f64(m as f64 / self.rate)),
+            (Some(_), false) => Duration::from_secs(600),
+        }
+    }
+
+    fn hard_timeout(&self) -> Duration {
+        self.timeout
+            .unwrap_or(Duration::from_secs(180) + self.send_bound() + self.drain + self.rpc_timeout)
+    }
+}
+
+pub async fn run(args: BenchArgs) -> Result<ExitCode> {
+    args.validate()?;
+    let mut started: Vec<NodeProc> = Vec::new();
+    let mut tmp: Option<tempfile::TempDir> = None;
+    let targets: Vec<SocketAddr> = if args.target.is_empty() {
+        let parley = nodes::find_parley(args.parley.as_deref())?;
+        let dir = tempfile::Builder::new().prefix("parley-bench-").tempdir()?;
+        eprintln!("starting {} in {}", parley.display(), dir.path().display());
+        let node = nodes::start(
+            "node-1",
+            &parley,
+            &dir.path().join("node-1"),
+            &dir.path().join("node-1.log"),
+        )
+        .await;
+        tmp = Some(dir);
+        match node {
+            Ok(n) => {
+                eprintln!("node-1 pid {} serving gRPC on {}", n.pid(), n.bound.grpc);
+                let addr = n.bound.grpc;
+                started.push(n);
+                vec![addr]
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        args.target
+            .iter()
+            .map(|t| {
+                let t = t.trim().trim_start_matches("http://");
+                t.parse::<SocketAddr>()
+                    .with_context(|| format!("--target {t}: expected IP:PORT"))
+            })
+            .collect::<Result<_>>()?
+    };
+    let mut watched: Vec<(String, u32)> =
+        started.iter().map(|n| (n.name.clone(), n.pid())).collect();
+    watched.extend(args.pids.iter().map(|p| (format!("pid {p}"), *p)));
+
+    let hard = args.hard_timeout();
+    let mut interrupted = false;
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(hard, bench(&args, &targets, !started.is_empty(), &watched)) => {
+            r.unwrap_or_else(|_| Err(anyhow!("hard timeout of {hard:?} reached (--timeout)")))
+        }
+        _ = tokio::signal::ctrl_c() => {
+            interrupted = true;
+            Err(anyhow!("interrupted"))
+        }
+    };
+
+    let mut node_died = false;
+    for n in &mut started {
+        if let Some(status) = n.exited() {
+            node_died = true;
+            eprintln!(
+                "{} (pid {}) exited during the bench: {status}; log:\n{}",
+                n.name,
+                n.pid(),
+                nodes::log_tail(&n.log, 20)
+            );
+        }
+        match n.stop().await {
+            Ok(_) => {}
+            Err(e) => eprintln!("stopping {} (pid {}): {e:#}", n.name, n.pid()),
+        }
+    }
+    if let Some(dir) = tmp {
+        // Keep what a failed run left for a post-mortem, not what Ctrl-C cut short.
+        if args.keep || (outcome.is_err() && !interrupted) {
+            let kept = dir.keep();
+            eprintln!("node data and log kept in {}", kept.display());
+        }
+    }
+
+    let report = outcome?;
+    println!("{}", report.table());
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, report.plot())
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(if node_died {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
+async fn bench(
+    args: &BenchArgs,
+    targets: &[SocketAddr],
+    started_node: bool,
+    watched: &[(String, u32)],
+) -> Result<Report> {
+    let setup_t0 = Instant::now();
+    let clock = Clock::new();
+    let shared = Arc::new(Shared::new(clock));
+    let run_id = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let n_subs = args.rooms * args.subscribers_per_room;
+    let per_sender = args
+        .rooms_per_sender
+        .unwrap_or(args.rooms)
+        .clamp(1, args.rooms);
+    let conc = args.setup_concurrency.max(1);
+
+    // ---- setup ----
+    let mut clients = Vec::new();
+    for &t in targets {
+        clients.push(setup::connect(t, Some(args.rpc_timeout)).await?);
+    }
+    let pb = ProgressBar::new((1 + args.senders + n_subs) as u64)
+        .with_style(style("{msg:>24} [{bar:30}] {pos}/{len} {elapsed}"));
+    pb.set_message("creating users");
+    let admin =
+        setup::create_users(&clients, &format!("b{run_id}-admin"), 1, |_| 0, 1, &pb).await?;
+    let admin = admin.into_iter().next().context("admin user")?;
+    let sub_users =
+        setup::create_users(&clients, &format!("b{run_id}-u"), n_subs, |i| i, conc, &pb).await?;
+    let send_users = setup::create_users(
+        &clients,
+        &format!("b{run_id}-s"),
+        args.senders,
+        |i| n_subs + i,
+        conc,
+        &pb,
+    )
+    .await?;
+
+    pb.set_length(args.rooms as u64);
+    pb.set_position(0);
+    pb.set_message("creating rooms");
+    let names: Vec<String> = (0..args.rooms).map(|r| format!("b{run_id}-r{r}")).collect();
+    let room_ids = Arc::new(
+        setup::create_rooms(
+            &clients[0],
+            &admin,
+            &names,
+            args.write_quorum.unwrap_or(0),
+            conc,
+            &pb,
+        )
+        .await?,
+    );
+
+    let mut pairs = Vec::new();
+    for (i, u) in sub_users.iter().enumerate() {
+        pairs.push((
+            u.clone(),
+            room_ids[i / args.subscribers_per_room.max(1)].clone(),
+        ));
+    }
+    for (p, u) in send_users.iter().enumerate() {
+        for r in schedule::rooms_of(p, args.rooms, per_sender) {
+            pairs.push((u.clone(), room_ids[r].clone()));
+        }
+    }
+    pb.set_length(pairs.len() as u64);
+    pb.set_position(0);
+    pb.set_message("joining rooms");
+    setup::join_all(&clients, pairs, conc, &pb).await?;
+
+    pb.set_length(n_subs as u64);
+    pb.set_position(0);
+    pb.set_message("subscribing");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut sub_tasks = Vec::with_capacity(n_subs);
+    {
+        let jobs = sub_users.iter().enumerate().map(|(i, u)| {
+            let room = i / args.subscribers_per_room.max(1);
+            let addr = targets[u.target % targets.len()];
+            let room_id = room_ids[room].clone();
+            let pb = &pb;
+            async move {
+                let s = setup::subscribe(addr, u, &room_id).await;
+                pb.inc(1);
+                s.map(|s| (room, s))
+            }
+        });
+        let mut opened = futures::stream::iter(jobs).buffer_unordered(conc);
+        while let Some(r) = opened.next().await {
+            let (room, stream) = r?;
+            sub_tasks.push(tokio::spawn(load::subscriber(
+                room,
+                stream,
+                shared.clone(),
+                stop_rx.clone(),
+            )));
+        }
+    }
+
+    let mut send_clients = Vec::with_capacity(args.senders);
+    for u in &send_users {
+        send_clients
+            .push(setup::connect(targets[u.target % targets.len()], Some(args.rpc_timeout)).await?);
+    }
+    // Let the last subscriptions settle before the first message.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pb.finish_and_clear();
+    let setup_s = setup_t0.elapsed().as_secs_f64();
+    eprintln!(
+        "setup done in {setup_s:.1}s: {} users, {} rooms, {} subscriptions on {} node(s)",
+        1 + n_subs + args.senders,
+        args.rooms,
+        sub_tasks.len(),
+        targets.len()
+    );
+
+    // ---- load ----
+    let clk = nodes::clk_tck();
+    let load_start = Instant::now();
+    let cpu_before: Vec<Option<ProcSample>> = watched
+        .iter()
+        .map(|(_, p)| nodes::sample(*p, clk))
+        .collect();
+    let self_before = nodes::sample(std::process::id(), clk);
+    shared
+        .load_start_us
+        .store(clock.us_at(load_start), Ordering::Relaxed);
+    let quotas: Vec<u64> = match args.messages {
+        Some(m) => schedule::split_total(m, args.senders),
+        None => vec![u64::MAX; args.senders],
+    };
+    let stop_sending = load_start + args.send_bound();
+    let mut send_tasks = Vec::with_capacity(args.senders);
+    for (p, (user, client)) in send_users.into_iter().zip(send_clients).enumerate() {
+        let pace = schedule::Pace::for_sender(args.rate, args.senders, p);
+        let quota = match (args.messages, pace) {
+            (Some(_), _) => quotas[p],
+            (None, Some(pace)) => pace.due_within(args.send_window()),
+            (None, None) => u64::MAX,
+        };
+        let plan = SenderPlan {
+            index: p,
+            client,
+            user,
+            room_ids: room_ids.clone(),
+            rooms_per_sender: per_sender,
+            size: args.size,
+            inflight: args.inflight,
+            quota,
+            stop_sending,
+            pace,
+            load_start,
+            rpc_timeout: args.rpc_timeout,
+            run_id: run_id.clone(),
+        };
+        send_tasks.push(tokio::spawn(load::sender(plan, shared.clone())));
+    }
+
+    let total_msgs = args.messages;
+    let pb = match total_msgs {
+        Some(m) => {
+            ProgressBar::new(m).with_style(style("sending [{bar:30}] {pos}/{len} {elapsed}  {msg}"))
+        }
+        None => ProgressBar::new(args.send_window().as_millis() as u64)
+            .with_style(style("sending [{bar:30}] {elapsed}  {msg}")),
+    };
+    let ticker = {
+        let shared = shared.clone();
+        let pb = pb.clone();
+        let mut tick_stop_rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(250));
+            let mut last = (Instant::now(), 0u64);
+            let mut rate = 0.0;
+            let mut last_print = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tick_stop_rx.changed() => break,
+                    _ = every.tick() => {}
+                }
+                let acked = shared.live.acked.load(Ordering::Relaxed);
+                let errors = shared.live.errors.load(Ordering::Relaxed);
+                let delivered = shared.live.delivered.load(Ordering::Relaxed);
+                let dt = last.0.elapsed().as_secs_f64();
+                if dt >= 1.0 {
+                    rate = (acked - last.1) as f64 / dt;
+                    last = (Instant::now(), acked);
+                }
+                let msg =
+                    format!("acked {acked} ({rate:.0}/s)  delivered {delivered}  errors {errors}");
+                match total_msgs {
+                    Some(_) => pb.set_position(acked + errors),
+                    None => pb.set_position(load_start.elapsed().as_millis() as u64),
+                }
+                if pb.is_hidden() && last_print.elapsed() >= Duration::from_secs(5) {
+                    eprintln!("[{:>5.1}s] {msg}", load_start.elapsed().as_secs_f64());
+                    last_print = Instant::now();
+                }
+                pb.set_message(msg);
+            }
+        })
+    };
+
+    let mut ack = new_hist();
+    let mut acked: Vec<(u64, u32)> = Vec::new();
+    let mut errors_by_code = BTreeMap::new();
+    let mut unsent = 0;
+    let mut sender_timeline = stats::Timeline::default();
+    for t in send_tasks {
+        let log: SenderLog = t.await.context("sender task failed")?;
+        let _ = ack.add(&log.ack);
+        acked.extend_from_slice(&log.acked);
+        merge_codes(&mut errors_by_code, &log.errors);
+        unsent += log.unsent;
+        sender_timeline.merge(&log.timeline);
+    }
+    let sends_done = Instant::now();
+
+    // ---- drain ----
+    pb.set_message("draining");
+    let expected = acked.len() as u64 * args.subscribers_per_room as u64;
+    let drain_until = sends_done + args.drain;
+    while shared.live.delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(true);
+    let _ = ticker.await;
+    pb.finish_and_clear();
+    let mut logs: Vec<SubscriberLog> = Vec::with_capacity(sub_tasks.len());
+    for t in sub_tasks {
+        logs.push(t.await.context("subscriber task failed")?);
+    }
+    let load_wall = load_start.elapsed().as_secs_f64();
+    let cpu_after: Vec<Option<ProcSample>> = watched
+        .iter()
+        .map(|(_, p)| nodes::sample(*p, clk))
+        .collect();
+    let self_after = nodes::sample(std::process::id(), clk);
+
+    // ---- figures ----
+    let check = check_deliveries(&acked, &logs);
+    let (delivery, mut timeline) = match shared.collector.lock() {
+        Ok(mut c) => (c.delivery.clone(), std::mem::take(&mut c.timeline)),
+        Err(_) => (new_hist(), stats::Timeline::default()),
+    };
+    timeline.merge(&sender_timeline);
+    let origin = clock.us_at(load_start);
+    let window = |last: u64| (last.saturating_sub(origin) as f64 / 1e6).max(1e-6);
+    let acked_n = acked.len() as u64;
+    let deliveries = shared.live.delivered.load(Ordering::Relaxed);
+    let proc_report =
+        |label: &str, pid: u32, before: Option<ProcSample>, after: Option<ProcSample>| {
+            let (Some(b), Some(a)) = (before, after) else {
+                return None;
+            };
+            let cpu = (a.cpu_secs - b.cpu_secs).max(0.0);
+            Some(ProcReport {
+                label: label.to_string(),
+                pid,
+                cpu_s: cpu,
+                cores: cpu / load_wall.max(1e-6),
+                cpu_us_per_msg: if acked_n > 0 {
+                    cpu * 1e6 / acked_n as f64
+                } else {
+                    0.0
+                },
+                peak_rss_mib: a.peak_rss_kib as f64 / 1024.0,
+            })
+        };
+    let nodes_report = watched
+        .iter()
+        .zip(cpu_before.into_iter().zip(cpu_after))
+        .filter_map(|((label, pid), (b, a))| proc_report(label, *pid, b, a))
+        .collect();
+    let sub_errors: Vec<&String> = logs.iter().filter_map(|l| l.error.as_ref()).collect();
+    Ok(Report {
+        config: ConfigEcho {
+            targets: targets.iter().map(ToString::to_string).collect(),
+            started_node,
+            rooms: args.rooms,
+            senders: args.senders,
+            rooms_per_sender: per_sender,
+            subscribers_per_room: args.subscribers_per_room,
+            subscribers: n_subs,
+            size: args.size,
+            duration_s: if args.messages.is_none() {
+                Some(args.send_window().as_secs_f64())
+            } else {
+                None
+            },
+            messages: args.messages,
+            rate: args.rate,
+            inflight: args.inflight,
+            write_quorum: args.write_quorum.unwrap_or(0),
+            drain_s: args.drain.as_secs_f64(),
+        },
+        unix_time_s: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        setup_s,
+        load_wall_s: load_wall,
+        acked: acked_n,
+        acked_per_s: acked_n as f64 / window(shared.live.last_ack_us.load(Ordering::Relaxed)),
+        send_errors: errors_by_code.values().sum(),
+        send_errors_by_code: errors_by_code,
+        unsent,
+        deliveries,
+        deliveries_per_s: deliveries as f64
+            / window(shared.live.last_delivery_us.load(Ordering::Relaxed)),
+        delivery_check: check,
+        ack_latency: LatencySummary::of(&ack),
+        delivery_latency: LatencySummary::of(&delivery),
+        subscriber_stream_errors: sub_errors.len() as u64,
+        subscriber_error_sample: sub_errors.first().map(|s| s.to_string()),
+        foreign_messages: logs.iter().map(|l| l.foreign).sum(),
+        nodes: nodes_report,
+        client: proc_report(
+            "testnet (client)",
+            std::process::id(),
+            self_before,
+            self_after,
+        ),
+        timeline: timeline.points(),
+    })
+}
