@@ -5,6 +5,8 @@
 //! Until then this binary says so and exits non-zero, so nothing mistakes it for a pass.
 
 fn main() {
-    eprintln!("jepsen: the fault-injection harness is not implemented yet (see the jepsen-style issue)");
+    eprintln!(
+        "jepsen: the fault-injection harness is not implemented yet (see the jepsen-style issue)"
+    );
     std::process::exit(2);
 }
