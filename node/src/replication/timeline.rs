@@ -114,11 +114,47 @@ struct RoomDoc {
     bytes: usize,
     next_seq: u64,
     since_compact: usize,
+    /// Index writes of entries already in `doc` but not yet in the store; the commit
+    /// pipeline writes them together with the automerge change that holds the entries.
+    pending: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Events of those entries, in id order, published once they are durable.
+    pending_events: Vec<(MessageId, Arc<Event>)>,
 }
 
+impl RoomDoc {
+    fn new(
+        chunk: u32,
+        doc: AutoCommit,
+        entries: usize,
+        bytes: usize,
+        next_seq: u64,
+        since_compact: usize,
+    ) -> Self {
+        Self {
+            chunk,
+            doc,
+            entries,
+            bytes,
+            next_seq,
+            since_compact,
+            pending: Vec::new(),
+            pending_events: Vec::new(),
+        }
+    }
+
+    /// The latest value of `key`: a pending write, else the store's.
+    fn read_through(&self, tree: &Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.pending.iter().rev().find(|(k, _)| k.as_slice() == key) {
+            Some((_, v)) => Ok(Some(v.clone())),
+            None => tree.get(key),
+        }
+    }
+}
+
+/// A write waiting for the flush: the room to persist and the writer to answer.
 struct Commit {
+    slot: RoomSlot,
     room: RoomId,
-    events: Vec<(MessageId, Arc<Event>)>,
     done: oneshot::Sender<Result<(), StoreError>>,
 }
 
@@ -174,7 +210,7 @@ impl Timelines {
             rooms: Mutex::new(HashMap::new()),
             commit_tx,
         });
-        tokio::spawn(commit_pipeline(db.clone(), hub, commit_rx));
+        tokio::spawn(commit_pipeline(Arc::downgrade(&inner), commit_rx));
         Ok(Self { inner })
     }
 
@@ -253,56 +289,49 @@ impl Timelines {
             }
         }
         self.inner.hub.register(room, durable);
-        Ok(RoomDoc {
+        Ok(RoomDoc::new(
             chunk,
             doc,
             entries,
             bytes,
             next_seq,
             since_compact,
-        })
+        ))
     }
 
-    /// Puts one entry into the open chunk and writes it with `batch` atomically, then
-    /// queues it for the flush. Called with the room lock held. Returns the receiver that
-    /// resolves once the entry is durable and published.
+    /// Puts one entry into the open chunk and queues it, with its index `writes`, for the
+    /// commit pipeline. Called with the room lock held. Returns the receiver that resolves
+    /// once the entry is durable and published.
     fn commit_entry(
         &self,
         room: &RoomId,
         rd: &mut RoomDoc,
         id: MessageId,
         entry: &TimelineEntry,
-        mut batch: Batch,
+        writes: Vec<(Vec<u8>, Vec<u8>)>,
         event: Event,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, TimelineError> {
-        let t = &self.inner.tree;
         let bytes = entry.encode_to_vec();
         rd.doc
             .put(ROOT, id.to_string(), ScalarValue::Bytes(bytes.clone()))
             .map_err(|e| TimelineError::Storage(StoreError::Io(format!("automerge put: {e}"))))?;
-        let change = rd.doc.save_incremental();
-        let cb = rd.chunk.to_be_bytes();
-        batch.insert(key(b'c', room, &[&cb, &rd.next_seq.to_be_bytes()]), &change);
-        batch.insert(key(b'e', room, &[&id.to_bytes()]), &bytes);
-        if let Err(e) = t.apply(batch) {
-            // Undo the in-memory put so memory and disk agree.
-            rd.doc.rollback();
-            *rd = self.load(room)?;
-            return Err(e.into());
-        }
-        rd.next_seq += 1;
+        rd.pending.push((key(b'e', room, &[&id.to_bytes()]), bytes));
+        rd.pending.extend(writes);
+        rd.pending_events.push((id, Arc::new(event)));
         rd.entries += 1;
-        rd.bytes += change.len();
-        rd.since_compact += 1;
-        if rd.entries >= self.inner.limits.max_entries || rd.bytes >= self.inner.limits.max_bytes {
-            self.seal(room, rd)?;
-        } else if rd.since_compact >= self.inner.limits.compact_every {
-            self.compact(room, rd)?;
-        }
+        self.enqueue(room)
+    }
+
+    /// Asks the commit pipeline to persist and flush everything pending for `room`; the
+    /// receiver resolves once that is durable.
+    fn enqueue(
+        &self,
+        room: &RoomId,
+    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, TimelineError> {
         let (done, rx) = oneshot::channel();
         let commit = Commit {
+            slot: self.slot(room),
             room: room.clone(),
-            events: vec![(id, Arc::new(event))],
             done,
         };
         self.inner
@@ -310,43 +339,6 @@ impl Timelines {
             .send(commit)
             .map_err(|_| TimelineError::Storage(StoreError::Closed))?;
         Ok(rx)
-    }
-
-    /// Saves the open chunk whole and drops its incremental changes. The save is written
-    /// before the changes are removed; a crash in between only leaves duplicates, which
-    /// automerge ignores on load.
-    fn compact(&self, room: &RoomId, rd: &mut RoomDoc) -> Result<(), TimelineError> {
-        let t = &self.inner.tree;
-        let cb = rd.chunk.to_be_bytes();
-        let full = rd.doc.save();
-        t.insert(key(b's', room, &[&cb]), &full)?;
-        let lo = key(b'c', room, &[&cb]);
-        let hi = key(b'c', room, &[&cb, &[0xff; 9]]);
-        t.remove_range(lo..hi)?;
-        rd.since_compact = 0;
-        rd.bytes = full.len();
-        Ok(())
-    }
-
-    /// Seals the open chunk (saved whole, left alone from now on) and opens the next one.
-    fn seal(&self, room: &RoomId, rd: &mut RoomDoc) -> Result<(), TimelineError> {
-        self.compact(room, rd)?;
-        let next = rd.chunk + 1;
-        self.inner
-            .tree
-            .insert(key(b'h', room, &[]), next.to_be_bytes())?;
-        let mut doc = AutoCommit::new();
-        doc.set_actor(automerge::ActorId::random());
-        *rd = RoomDoc {
-            chunk: next,
-            doc,
-            entries: 0,
-            bytes: 0,
-            next_seq: 0,
-            since_compact: 0,
-        };
-        tracing::debug!(room = %room, chunk = next, "sealed timeline chunk");
-        Ok(())
     }
 
     async fn wait_durable(
@@ -371,12 +363,14 @@ impl Timelines {
                 key(b'k', &m.room, &[&rest])
             });
             if let Some(kk) = &k_key {
-                if let Some(v) = self.inner.tree.get(kk)? {
+                if let Some(v) = rd.read_through(&self.inner.tree, kk)? {
                     let id = MessageId::from_bytes(&v)
                         .map_err(|e| self.inner.tree.corrupt(e.to_string()))?;
+                    // The first send may still be pending: answer once the pipeline has
+                    // made everything queued for this room so far durable.
+                    let rx = self.enqueue(&m.room)?;
                     drop(g);
-                    // The first send may still be in flight: answer only once it is durable.
-                    self.inner.db.flush().await?;
+                    Self::wait_durable(rx).await?;
                     return Ok(Appended {
                         id,
                         sent_at: id.physical_ms(),
@@ -394,10 +388,9 @@ impl Timelines {
                 client_msg_id: m.client_msg_id,
                 ..Default::default()
             };
-            let mut batch = Batch::default();
-            batch.insert(key(b'm', &m.room, &[&id.to_bytes()]), msg.encode_to_vec());
-            if let Some(kk) = &k_key {
-                batch.insert(kk, id.to_bytes());
+            let mut writes = vec![(key(b'm', &m.room, &[&id.to_bytes()]), msg.encode_to_vec())];
+            if let Some(kk) = k_key {
+                writes.push((kk, id.to_bytes().to_vec()));
             }
             let entry = TimelineEntry {
                 kind: Some(timeline_entry::Kind::Message(msg.clone())),
@@ -406,7 +399,7 @@ impl Timelines {
                 cursor: String::new(),
                 kind: Some(event::Kind::Message(msg)),
             };
-            let rx = self.commit_entry(&m.room, rd, id, &entry, batch, event)?;
+            let rx = self.commit_entry(&m.room, rd, id, &entry, writes, event)?;
             (rx, id)
         };
         let (rx, id) = rx;
@@ -457,15 +450,19 @@ impl Timelines {
         let (rx, id) = {
             let mut g = slot.lock().await;
             let rd = self.load_locked(room, &mut g)?;
-            let mut msg =
-                self.read_message(room, target)?
-                    .ok_or_else(|| TimelineError::NotFound {
+            let t = &self.inner.tree;
+            let mut msg = match rd.read_through(t, &key(b'm', room, &[&target.to_bytes()]))? {
+                Some(v) => Message::decode(v.as_slice())
+                    .map_err(|e| t.corrupt(format!("message {target}: {e}")))?,
+                None => {
+                    return Err(TimelineError::NotFound {
                         what: format!("message {target}"),
-                    })?;
+                    })
+                }
+            };
             let id = self.inner.hlc.next(Some(target));
             let (entry_kind, event_kind) = change(&mut msg, id)?;
-            let mut batch = Batch::default();
-            batch.insert(key(b'm', room, &[&target.to_bytes()]), msg.encode_to_vec());
+            let writes = vec![(key(b'm', room, &[&target.to_bytes()]), msg.encode_to_vec())];
             let entry = TimelineEntry {
                 kind: Some(entry_kind),
             };
@@ -473,7 +470,7 @@ impl Timelines {
                 cursor: String::new(),
                 kind: Some(event_kind),
             };
-            (self.commit_entry(room, rd, id, &entry, batch, event)?, id)
+            (self.commit_entry(room, rd, id, &entry, writes, event)?, id)
         };
         Self::wait_durable(rx).await?;
         Ok(Appended {
@@ -771,28 +768,132 @@ fn entry_event(room: &RoomId, entry: TimelineEntry) -> Option<Event> {
     })
 }
 
-/// Takes every queued commit, flushes once, then publishes and acknowledges them in
-/// queue order (which is id order per room).
-async fn commit_pipeline(db: Db, hub: Hub, mut rx: mpsc::UnboundedReceiver<Commit>) {
+/// Takes every queued commit; per room, writes the entries' automerge change and index
+/// entries as one atomic batch; flushes once; then publishes each room's events in id
+/// order and answers the writers. A room whose batch fails is dropped from memory (it
+/// reloads from disk on next use) and its writers get the error: nothing half-written is
+/// acknowledged or delivered.
+async fn commit_pipeline(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Commit>) {
     while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < 4096 {
+        let mut commits = vec![first];
+        while commits.len() < 4096 {
             match rx.try_recv() {
-                Ok(c) => batch.push(c),
+                Ok(c) => commits.push(c),
                 Err(_) => break,
             }
         }
-        let res = db.flush().await;
-        if let Err(e) = &res {
+        let Some(inner) = inner.upgrade() else {
+            for c in commits {
+                let _ = c.done.send(Err(StoreError::Closed));
+            }
+            return;
+        };
+        let mut rooms: Vec<(RoomId, RoomSlot)> = Vec::new();
+        for c in &commits {
+            if !rooms.iter().any(|(r, _)| *r == c.room) {
+                rooms.push((c.room.clone(), c.slot.clone()));
+            }
+        }
+        let mut failed: HashMap<RoomId, StoreError> = HashMap::new();
+        let mut publish = Vec::with_capacity(rooms.len());
+        for (room, slot) in rooms {
+            let mut g = slot.lock().await;
+            let Some(rd) = g.as_mut() else { continue };
+            match persist(&inner, &room, rd) {
+                Ok(events) => publish.push((room, events)),
+                Err(e) => {
+                    tracing::error!(room = %room, error = %e, "timeline write failed; reloading the room");
+                    *g = None;
+                    failed.insert(room, e);
+                }
+            }
+        }
+        let flushed = inner.db.flush().await;
+        if let Err(e) = &flushed {
             tracing::error!(error = %e, "timeline flush failed; sends are refused");
         }
-        for c in batch {
-            if res.is_ok() {
-                hub.publish_timeline(&c.room, c.events);
+        if flushed.is_ok() {
+            for (room, events) in publish {
+                inner.hub.publish_timeline(&room, events);
             }
-            let _ = c.done.send(res.clone());
+        }
+        for c in commits {
+            let res = match (&flushed, failed.get(&c.room)) {
+                (Err(e), _) | (Ok(()), Some(e)) => Err(e.clone()),
+                (Ok(()), None) => Ok(()),
+            };
+            let _ = c.done.send(res);
         }
     }
+}
+
+/// Writes a room's pending entries (one automerge change holding all of them, plus their
+/// index entries) as one batch, then compacts or seals the chunk if it is due. Returns
+/// the events to publish once flushed. Called with the room lock held.
+fn persist(
+    inner: &Inner,
+    room: &RoomId,
+    rd: &mut RoomDoc,
+) -> Result<Vec<(MessageId, Arc<Event>)>, StoreError> {
+    if rd.pending.is_empty() && rd.pending_events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let t = &inner.tree;
+    let change = rd.doc.save_incremental();
+    let mut batch = Batch::default();
+    if !change.is_empty() {
+        batch.insert(
+            key(
+                b'c',
+                room,
+                &[&rd.chunk.to_be_bytes(), &rd.next_seq.to_be_bytes()],
+            ),
+            &change,
+        );
+    }
+    for (k, v) in rd.pending.drain(..) {
+        batch.insert(k, v);
+    }
+    t.apply(batch)?;
+    if !change.is_empty() {
+        rd.next_seq += 1;
+        rd.bytes += change.len();
+        rd.since_compact += 1;
+    }
+    let events = std::mem::take(&mut rd.pending_events);
+    if rd.entries >= inner.limits.max_entries || rd.bytes >= inner.limits.max_bytes {
+        seal(t, room, rd)?;
+    } else if rd.since_compact >= inner.limits.compact_every {
+        compact(t, room, rd)?;
+    }
+    Ok(events)
+}
+
+/// Saves the open chunk whole and drops its incremental changes. The save is written
+/// before the changes are removed; a crash in between only leaves duplicates, which
+/// automerge ignores on load.
+fn compact(t: &Tree, room: &RoomId, rd: &mut RoomDoc) -> Result<(), StoreError> {
+    let cb = rd.chunk.to_be_bytes();
+    let full = rd.doc.save();
+    t.insert(key(b's', room, &[&cb]), &full)?;
+    let lo = key(b'c', room, &[&cb]);
+    let hi = key(b'c', room, &[&cb, &[0xff; 9]]);
+    t.remove_range(lo..hi)?;
+    rd.since_compact = 0;
+    rd.bytes = full.len();
+    Ok(())
+}
+
+/// Seals the open chunk (saved whole, left alone from now on) and opens the next one.
+fn seal(t: &Tree, room: &RoomId, rd: &mut RoomDoc) -> Result<(), StoreError> {
+    compact(t, room, rd)?;
+    let next = rd.chunk + 1;
+    t.insert(key(b'h', room, &[]), next.to_be_bytes())?;
+    let mut doc = AutoCommit::new();
+    doc.set_actor(automerge::ActorId::random());
+    *rd = RoomDoc::new(next, doc, 0, 0, 0, 0);
+    tracing::debug!(room = %room, chunk = next, "sealed timeline chunk");
+    Ok(())
 }
 
 #[cfg(test)]
@@ -996,6 +1097,76 @@ mod tests {
         let dup = tl.send(msg(&r, "m3 again", "c3")).await.unwrap();
         assert!(dup.duplicate && dup.id == ids[3]);
         assert_eq!(hub.watermark(&r), Some(next.id));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_sends_retries_and_reactions_batch_correctly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, tl, hub) = open(
+            dir.path(),
+            ChunkLimits {
+                max_entries: 150,
+                max_bytes: 1 << 20,
+                compact_every: 5,
+            },
+        )
+        .await;
+        let r = room(4);
+        tl.ensure_loaded(&r).await.unwrap();
+        let (mut rx, _) = hub.subscribe(&r).unwrap();
+        // 100 client ids, each sent twice concurrently: one message per id.
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let tl = tl.clone();
+            let m = msg(&r, &format!("m{}", i % 100), &format!("c{}", i % 100));
+            tasks.push(tokio::spawn(async move { tl.send(m).await.unwrap() }));
+        }
+        let mut acks = Vec::new();
+        for t in tasks {
+            acks.push(t.await.unwrap());
+        }
+        let fresh: std::collections::BTreeSet<_> =
+            acks.iter().filter(|a| !a.duplicate).map(|a| a.id).collect();
+        assert_eq!(fresh.len(), 100, "exactly one write per client id");
+        assert_eq!(
+            acks.iter()
+                .map(|a| a.id)
+                .collect::<std::collections::BTreeSet<_>>(),
+            fresh
+        );
+        let (page, _) = tl
+            .history(
+                &r,
+                &HistoryQuery {
+                    limit: 1000,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(page.len(), 100);
+        // Live events arrived once each, in id order, although the chunk sealed on the way.
+        let mut seen = Vec::new();
+        while let Ok(crate::delivery::HubEvent::Timeline { id, .. }) = rx.try_recv() {
+            seen.push(id);
+        }
+        assert_eq!(seen, fresh.iter().copied().collect::<Vec<_>>());
+        // 40 users react to one message at once: every reaction survives.
+        let target = *fresh.iter().next().unwrap();
+        let mut tasks = Vec::new();
+        for u in 0..40 {
+            let tl = tl.clone();
+            let r = r.clone();
+            tasks.push(tokio::spawn(async move {
+                tl.react(&r, &user(&format!("u{u}")), target, "+1".into(), false)
+                    .await
+                    .unwrap()
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let m = tl.get_message(&r, target).unwrap().unwrap();
+        assert_eq!(m.reactions[0].users.len(), 40);
     }
 
     proptest::proptest! {

@@ -56,6 +56,7 @@ impl Db {
         let inner = sled::Config::new()
             .path(path)
             .cache_capacity(256 * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
             .open()?;
         Ok(Self::start(inner))
     }
