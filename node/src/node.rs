@@ -306,11 +306,12 @@ async fn genesis(
         ));
     };
     let deadline = tokio::time::Instant::now() + config.genesis_timeout;
-    let mut round = 0u64;
-    loop {
-        round += 1;
+    // A node joining a formed cluster needs one peer to learn the plan from.
+    let want = expect.max(2);
+    for round in 1u64.. {
+        let started = tokio::time::Instant::now();
         let members = discovery
-            .wait_for_members(expect, Duration::from_secs(2))
+            .wait_for_members(want, Duration::from_secs(2))
             .await?;
         for m in members.iter().filter(|m| m.node_id != node.0) {
             if let Some(plan) = fetch_plan(&config.cluster, m.grpc).await {
@@ -333,14 +334,15 @@ async fn genesis(
                 ));
             }
             anyhow::bail!(
-                "more than {expect} fresh nodes found and this one is not among the {expect} with the                  smallest ids; start it with --join once the cluster has formed"
+                "more than {expect} fresh nodes found and this one is not among the {expect} with the \
+                 smallest ids; start it with --join once the cluster has formed"
             );
         }
         if round % 15 == 1 {
             tracing::info!(
                 found = members.len(),
                 expect,
-                "waiting for peers before forming the cluster"
+                "waiting for peers before forming or joining the cluster"
             );
         }
         if tokio::time::Instant::now() >= deadline {
@@ -350,7 +352,13 @@ async fn genesis(
                 members.len()
             );
         }
+        // Peers found but none has a plan yet (they are still forming): do not spin.
+        let spent = started.elapsed();
+        if spent < Duration::from_millis(500) {
+            tokio::time::sleep(Duration::from_millis(500) - spent).await;
+        }
     }
+    anyhow::bail!("genesis loop ended unexpectedly")
 }
 
 /// The plan of the cluster a node at `addr` belongs to, if it is in ours and has one.

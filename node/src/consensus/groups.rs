@@ -239,10 +239,10 @@ impl Groups {
             }
         };
         match plan.members.get(&node.0) {
+            // A node that joined after genesis: registered in the meta group, no replicas
+            // until partitions are moved onto it.
             None => {
-                return Err(ConsensusError::Fatal(format!(
-                    "node {node} is not a member of the cluster plan"
-                )))
+                tracing::info!(node = %node, "not in the genesis plan: this node holds no replicas yet")
             }
             Some(a) if *a != grpc_addr.to_string() => tracing::warn!(
                 node = %node, planned = %a, actual = %grpc_addr,

@@ -460,6 +460,7 @@ pub fn free_port() -> u16 {
 pub struct Cluster {
     pub nodes: Vec<Node>,
     args: Vec<Vec<String>>,
+    seed: String,
 }
 
 impl Cluster {
@@ -510,7 +511,42 @@ impl Cluster {
                 }
             })
             .collect();
-        Self { nodes, args }
+        Self { nodes, args, seed }
+    }
+
+    /// Starts a fresh node that joins the formed cluster through the first node (no
+    /// `--bootstrap-expect`); returns its index.
+    pub fn add_node(&mut self) -> usize {
+        let i = self.nodes.len();
+        let dir = tempfile::Builder::new()
+            .prefix("parley-cluster-")
+            .tempdir()
+            .expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("logs")).expect("logs dir");
+        let a: Vec<String> = vec![
+            "--listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--http".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--p2p".into(),
+            format!("/ip4/127.0.0.1/tcp/{}", free_port()),
+            "--node-id".into(),
+            (i + 1).to_string(),
+            "--join".into(),
+            self.seed.clone(),
+            "--genesis-timeout".into(),
+            "60".into(),
+        ];
+        let child = spawn_child(dir.path(), 0, &a);
+        let (child, bound) = wait_bound(dir.path(), child, Duration::from_secs(90));
+        self.nodes.push(Node {
+            child: Some(child),
+            dir,
+            bound,
+            starts: 1,
+        });
+        self.args.push(a);
+        i
     }
 
     /// Starts node `i` again on its data dir and ports (killing it first if it runs).
