@@ -307,4 +307,11 @@ impl Chat for Mock {
     ) -> Result<Response<GetReceiptsResponse>, Status> {
         unimpl()
     }
+
+    async fn cluster_status(
+        &self,
+        _: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        unimpl()
+    }
 }
