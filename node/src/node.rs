@@ -16,15 +16,21 @@ use crate::api::{self, http, ChatService, Ctx};
 use crate::clock::Hlc;
 use crate::consensus::cluster::{ClusterPlan, META};
 use crate::consensus::state::{Applied, Command, NodeInfo, Role};
+use crate::consensus::ReplicationHandler;
 use crate::consensus::{AppliedEvent, ClusterRaftService, Groups, Tuning};
 use crate::delivery::Hub;
 use crate::discovery::{Discovery, DiscoveryConfig, NodeRecord};
 use crate::ids::NodeId;
+use crate::ids::RoomId;
 use crate::placement::Placement;
 use crate::replication::markers::Markers;
 use crate::replication::presence::Presence;
-use crate::replication::{ChunkLimits, Timelines};
+use crate::replication::{ChunkLimits, Network, Timelines};
 use crate::store::Db;
+use parley_proto::v1::cluster_client::ClusterClient;
+use parley_proto::v1::{
+    GossipReply, GossipRequest, PushChangesReply, PushChangesRequest, SyncReply, SyncRequest,
+};
 
 /// Everything a node needs to start. `Config::default_for(dir)` gives test defaults.
 #[derive(Debug, Clone)]
@@ -85,6 +91,9 @@ pub struct Bound {
     pub http: Option<SocketAddr>,
     pub pid: u32,
 }
+
+/// How often each replica runs anti-entropy with its peers.
+const ANTI_ENTROPY_EVERY: Duration = Duration::from_secs(2);
 
 /// How long `run` waits for in-flight requests when shutting down.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -172,19 +181,28 @@ pub async fn run(
     let hub = Hub::new();
     let timelines = Timelines::open(&db, hlc.clone(), hub.clone(), ChunkLimits::default())?;
     let markers = Markers::open(&db)?;
+    let presence = Presence::new(config.presence_ttl);
+    let gossip = crate::replication::gossip::Gossip::new(
+        node,
+        presence.clone(),
+        markers.clone(),
+        hub.clone(),
+    );
     let ctx = Arc::new(Ctx {
         node,
         groups: groups.clone(),
         timelines,
         hub,
-        presence: Presence::new(config.presence_ttl),
+        presence,
         markers,
+        gossip: gossip.clone(),
         placement: Placement::new(config.partitions),
         hlc,
         write_quorum: config.write_quorum,
         replicas: rf.min(255) as u8,
         cluster: config.cluster.clone(),
         discovery: discovery.clone(),
+        forward_channels: Default::default(),
         metrics: Default::default(),
         db: db.clone(),
     });
@@ -193,6 +211,29 @@ pub async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(applied_events(ctx.clone(), applied_rx, stop_rx.clone()));
     tasks.spawn(expiry(ctx.clone(), stop_rx.clone()));
+    if groups.plan().members.len() > 1 {
+        let net = ClusterNet {
+            groups: groups.clone(),
+            placement: ctx.placement,
+            me: node.0,
+        };
+        ctx.timelines.set_network(node.0, Arc::new(net));
+        let timelines = ctx.timelines.clone();
+        let stop = stop_rx.clone();
+        tasks.spawn(async move { timelines.anti_entropy(ANTI_ENTROPY_EVERY, stop).await });
+    }
+    let weak_ctx = Arc::downgrade(&ctx);
+    let transport = crate::replication::gossip::TonicTransport::new(groups.clone());
+    tasks.spawn(gossip.run(
+        Arc::new(transport),
+        Arc::new(move |u: &crate::ids::UserId| {
+            weak_ctx
+                .upgrade()
+                .map(|c| c.rooms_of(u).into_iter().map(|r| r.id).collect())
+                .unwrap_or_default()
+        }),
+        stop_rx.clone(),
+    ));
 
     let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -209,11 +250,10 @@ pub async fn run(
         .add_service(
             ChatServer::new(ChatService::new(ctx.clone())).max_decoding_message_size(1 << 20),
         )
-        .add_service(ClusterServer::new(ClusterRaftService::new(
-            groups.clone(),
-            "parley",
-            http_addr,
-        )))
+        .add_service(ClusterServer::new(
+            ClusterRaftService::new(groups.clone(), config.cluster.clone(), http_addr)
+                .with_replication(Arc::new(NodeReplication { ctx: ctx.clone() })),
+        ))
         .add_service(health_service)
         .add_service(reflection);
     let mut stop = stop_rx.clone();
@@ -568,5 +608,121 @@ async fn expiry(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
         for (room, user) in ctx.presence.expire_typing() {
             api::typing_announce(&ctx, &room, &user, false);
         }
+    }
+}
+
+/// Timelines' view of the cluster: a room's replicas are its partition's voters; calls go
+/// over the peer channels Raft uses.
+struct ClusterNet {
+    groups: Groups,
+    placement: Placement,
+    me: u64,
+}
+
+impl ClusterNet {
+    fn client(&self, node: u64) -> Result<ClusterClient<tonic::transport::Channel>, String> {
+        let addr = self
+            .groups
+            .addr_of(node)
+            .ok_or_else(|| format!("no address for node {node}"))?;
+        self.groups
+            .peers()
+            .client(node, &addr)
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[tonic::async_trait]
+impl Network for ClusterNet {
+    fn peers_of(&self, room: &RoomId) -> Vec<u64> {
+        let p = self.placement.of_room(room);
+        self.groups
+            .replicas_of(p)
+            .into_iter()
+            .filter(|n| *n != self.me)
+            .collect()
+    }
+
+    fn local_rooms(&self) -> Vec<RoomId> {
+        let mut out = Vec::new();
+        for p in self.placement.all() {
+            if let Some(rooms) = self
+                .groups
+                .try_read(p, |s| s.rooms.keys().cloned().collect::<Vec<_>>())
+            {
+                out.extend(rooms);
+            }
+        }
+        out
+    }
+
+    fn reachable_peers(&self, room: &RoomId) -> usize {
+        let peers = self.groups.peers();
+        self.peers_of(room)
+            .into_iter()
+            .filter(|n| peers.recently_reachable(*n))
+            .count()
+    }
+
+    async fn push(&self, node: u64, req: PushChangesRequest) -> Result<PushChangesReply, String> {
+        let mut c = self.client(node)?;
+        let r = c
+            .push_changes(req)
+            .await
+            .map_err(|s| s.message().to_string())?;
+        self.groups.peers().mark_ok(node);
+        Ok(r.into_inner())
+    }
+
+    async fn sync(&self, node: u64, req: SyncRequest) -> Result<SyncReply, String> {
+        let mut c = self.client(node)?;
+        let r = c
+            .sync_room(req)
+            .await
+            .map_err(|s| s.message().to_string())?;
+        self.groups.peers().mark_ok(node);
+        Ok(r.into_inner())
+    }
+}
+
+/// Serves the replication calls of the node-to-node service.
+struct NodeReplication {
+    ctx: Arc<Ctx>,
+}
+
+#[tonic::async_trait]
+impl ReplicationHandler for NodeReplication {
+    async fn push_changes(
+        &self,
+        req: PushChangesRequest,
+    ) -> Result<PushChangesReply, tonic::Status> {
+        let room = RoomId::parse(&req.room_id)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        match self
+            .ctx
+            .timelines
+            .apply_remote(&room, req.chunk, &req.changes)
+            .await
+        {
+            Ok(durable) => Ok(PushChangesReply {
+                durable,
+                rejected: String::new(),
+            }),
+            Err(e) => Ok(PushChangesReply {
+                durable: false,
+                rejected: e.to_string(),
+            }),
+        }
+    }
+
+    async fn sync_room(&self, req: SyncRequest) -> Result<SyncReply, tonic::Status> {
+        match self.ctx.timelines.handle_sync(&req).await {
+            Ok(message) => Ok(SyncReply { message }),
+            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        }
+    }
+
+    async fn gossip(&self, req: GossipRequest) -> Result<GossipReply, tonic::Status> {
+        self.ctx.gossip.handle(req).await
     }
 }

@@ -31,6 +31,9 @@ pub enum ApiError {
     Timeout(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The answer of the node a request was forwarded to, passed through unchanged.
+    #[error("{}", .0.message())]
+    Relayed(Box<Status>),
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -46,6 +49,7 @@ impl From<ApiError> for Status {
             ApiError::Precondition(m) => Status::new(Code::FailedPrecondition, m),
             ApiError::Unavailable(m) => Status::new(Code::Unavailable, m),
             ApiError::Timeout(m) => Status::new(Code::DeadlineExceeded, m),
+            ApiError::Relayed(s) => *s,
             ApiError::Internal(m) => {
                 tracing::error!(error = %m, "internal error answered to a client");
                 Status::new(Code::Internal, "internal error; see the node's log")
@@ -90,6 +94,7 @@ impl From<TimelineError> for ApiError {
             TimelineError::Precondition { reason } => ApiError::Precondition(reason),
             TimelineError::Invalid { reason } => ApiError::Invalid(reason),
             TimelineError::Storage(s) => s.into(),
+            q @ TimelineError::Quorum { .. } => ApiError::Timeout(q.to_string()),
         }
     }
 }

@@ -1,10 +1,13 @@
 //! Messages: SendMessage, EditMessage, DeleteMessage, React, SendDirect, History.
 //!
-//! Membership and bans are checked here, on the replica that writes, before the
-//! timeline is touched; a refused request writes nothing.
+//! Writes happen on the room's home (see `route.rs`); membership and bans are checked
+//! there, before the timeline is touched; a refused request writes nothing.
 
 use parley_proto::v1 as pb;
 
+use tonic::metadata::MetadataMap;
+
+use super::route::{check_reachable, forwarded, relay, route, write_quorum, Route};
 use super::{message_id, opt_message_id, validate_text, ApiError, ApiResult, Ctx, Metrics};
 use crate::consensus::state::{Applied, Command, Role, RoomRecord};
 use crate::ids::{RoomId, UserId};
@@ -21,31 +24,7 @@ fn ack(a: crate::replication::Appended) -> pb::SendMessageResponse {
     }
 }
 
-/// Copies of a message this node can make durable before it acknowledges: its own.
-/// Pushing timeline changes to the other replicas is the replication layer's next step.
-const TIMELINE_COPIES: u8 = 1;
-
-/// Checks the room's write quorum `W` (the room's, else the cluster default, clamped to
-/// the partition's replica count) can be met. A send that cannot meet it is refused
-/// before anything is written: acknowledging it would promise copies that do not exist.
-fn check_quorum(ctx: &Ctx, room: &RoomRecord) -> ApiResult<()> {
-    let w = room
-        .settings
-        .write_quorum
-        .unwrap_or(ctx.write_quorum)
-        .min(ctx.replicas.max(1));
-    if w == 0 {
-        return Err(ApiError::Invalid("write quorum is 0".into()));
-    }
-    if w > TIMELINE_COPIES {
-        return Err(ApiError::Unavailable(format!(
-            "{} needs W={w} durable copies of each message, but this cluster cannot yet replicate              messages between nodes; rooms created with write quorum 1 accept messages",
-            room.name
-        )));
-    }
-    Ok(())
-}
-
+#[allow(clippy::too_many_arguments)]
 async fn append(
     ctx: &Ctx,
     user: &UserId,
@@ -53,6 +32,8 @@ async fn append(
     text: Vec<u8>,
     client_msg_id: String,
     after: &str,
+    md: &MetadataMap,
+    forward: impl FnOnce() -> pb::SendMessageRequest,
 ) -> ApiResult<pb::SendMessageResponse> {
     let text = validate_text(text)?;
     if client_msg_id.len() > MAX_CLIENT_ID {
@@ -61,8 +42,16 @@ async fn append(
         )));
     }
     let after = opt_message_id(after, "after")?;
+    let w = write_quorum(ctx, room)?;
+    if let Route::Forward(mut home) = route(ctx, room, md, w)? {
+        match relay(home.send_message(forwarded(forward(), md)).await) {
+            // W=1 needs no home: if it cannot be reached, write here (DESIGN §4).
+            Err(ApiError::Relayed(s)) if w <= 1 && s.code() == tonic::Code::Unavailable => {}
+            other => return other,
+        }
+    }
     ctx.require_member(room, user).await?;
-    check_quorum(ctx, room)?;
+    check_reachable(ctx, room, w)?;
     let appended = ctx
         .timelines
         .send(NewMessage {
@@ -71,6 +60,7 @@ async fn append(
             text,
             client_msg_id,
             after,
+            write_quorum: w,
         })
         .await?;
     if appended.duplicate {
@@ -81,14 +71,30 @@ async fn append(
     Ok(ack(appended))
 }
 
-/// `SendMessage`: durable (fsynced) before the ack; idempotent by `client_msg_id`.
+/// `SendMessage`: on the room's home; durable on W replicas before the ack;
+/// idempotent by `client_msg_id`.
 pub(super) async fn send(
     ctx: &Ctx,
     user: &UserId,
     req: pb::SendMessageRequest,
+    md: &MetadataMap,
 ) -> ApiResult<pb::SendMessageResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
-    append(ctx, user, &room, req.text, req.client_msg_id, &req.after).await
+    let fwd = || pb::SendMessageRequest {
+        room: room.id.to_string(),
+        ..req.clone()
+    };
+    append(
+        ctx,
+        user,
+        &room,
+        req.text.clone(),
+        req.client_msg_id.clone(),
+        &req.after,
+        md,
+        fwd,
+    )
+    .await
 }
 
 /// `SendDirect`: creates the two users' direct room on first use, then sends into it.
@@ -96,6 +102,7 @@ pub(super) async fn send_direct(
     ctx: &Ctx,
     user: &UserId,
     req: pb::SendDirectRequest,
+    md: &MetadataMap,
 ) -> ApiResult<pb::SendMessageResponse> {
     let to = ctx.existing_user(&req.user).await?;
     if &to == user {
@@ -135,7 +142,23 @@ pub(super) async fn send_direct(
             }
         }
     };
-    append(ctx, user, &room, req.text, req.client_msg_id, "").await
+    let fwd = || pb::SendMessageRequest {
+        room: room.id.to_string(),
+        text: req.text.clone(),
+        client_msg_id: req.client_msg_id.clone(),
+        after: String::new(),
+    };
+    append(
+        ctx,
+        user,
+        &room,
+        req.text.clone(),
+        req.client_msg_id.clone(),
+        "",
+        md,
+        fwd,
+    )
+    .await
 }
 
 /// `EditMessage`: the author only.
@@ -143,14 +166,20 @@ pub(super) async fn edit(
     ctx: &Ctx,
     user: &UserId,
     req: pb::EditMessageRequest,
+    md: &MetadataMap,
 ) -> ApiResult<pb::SendMessageResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
     let target = message_id(&req.message_id)?;
-    let text = validate_text(req.text)?;
+    let text = validate_text(req.text.clone())?;
+    let w = write_quorum(ctx, &room)?;
+    if let Route::Forward(mut home) = route(ctx, &room, md, w)? {
+        return relay(home.edit_message(forwarded(req, md)).await);
+    }
     ctx.require_member(&room, user).await?;
+    check_reachable(ctx, &room, w)?;
     Ok(ack(ctx
         .timelines
-        .edit(&room.id, user, target, text)
+        .edit(&room.id, user, target, text, w)
         .await?))
 }
 
@@ -159,13 +188,19 @@ pub(super) async fn delete(
     ctx: &Ctx,
     user: &UserId,
     req: pb::DeleteMessageRequest,
+    md: &MetadataMap,
 ) -> ApiResult<pb::SendMessageResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
     let target = message_id(&req.message_id)?;
+    let w = write_quorum(ctx, &room)?;
+    if let Route::Forward(mut home) = route(ctx, &room, md, w)? {
+        return relay(home.delete_message(forwarded(req, md)).await);
+    }
     let me = ctx.require_member(&room, user).await?;
+    check_reachable(ctx, &room, w)?;
     Ok(ack(ctx
         .timelines
-        .delete(&room.id, user, me.role == Role::Admin, target)
+        .delete(&room.id, user, me.role == Role::Admin, target, w)
         .await?))
 }
 
@@ -174,6 +209,7 @@ pub(super) async fn react(
     ctx: &Ctx,
     user: &UserId,
     req: pb::ReactRequest,
+    md: &MetadataMap,
 ) -> ApiResult<pb::SendMessageResponse> {
     let room = ctx.resolve_room(&req.room, false).await?;
     let target = message_id(&req.message_id)?;
@@ -183,10 +219,15 @@ pub(super) async fn react(
             "a reaction is 1 to 32 bytes without spaces".into(),
         ));
     }
+    let w = write_quorum(ctx, &room)?;
+    if let Route::Forward(mut home) = route(ctx, &room, md, w)? {
+        return relay(home.react(forwarded(req, md)).await);
+    }
     ctx.require_member(&room, user).await?;
+    check_reachable(ctx, &room, w)?;
     Ok(ack(ctx
         .timelines
-        .react(&room.id, user, target, emoji, req.remove)
+        .react(&room.id, user, target, emoji, req.remove, w)
         .await?))
 }
 

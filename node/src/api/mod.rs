@@ -40,6 +40,7 @@ mod members;
 mod messages;
 mod presence;
 mod rooms;
+mod route;
 mod subscribe;
 mod users;
 
@@ -73,6 +74,7 @@ pub struct Ctx {
     pub hub: Hub,
     pub presence: Presence,
     pub markers: Markers,
+    pub gossip: crate::replication::gossip::Gossip,
     pub placement: Placement,
     pub hlc: Arc<Hlc>,
     /// Cluster default write quorum, before clamping to the replica count.
@@ -81,6 +83,9 @@ pub struct Ctx {
     pub replicas: u8,
     pub cluster: String,
     pub discovery: Option<crate::discovery::Discovery>,
+    /// Channels to other nodes' client API, for writes forwarded to a room's home.
+    pub forward_channels:
+        std::sync::Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
     pub metrics: Metrics,
     pub db: crate::store::Db,
 }
@@ -284,6 +289,21 @@ fn answer<T>(ctx: &Ctx, r: ApiResult<T>) -> Result<Response<T>, Status> {
 
 /// Authenticates the request, runs the handler with the caller and the request body,
 /// and answers through the one error mapping.
+/// Like `authed!`, also handing the handler the request's metadata (for forwarding).
+macro_rules! authed_md {
+    ($self:ident, $req:ident, |$u:ident, $body:ident, $md:ident| $call:expr) => {{
+        let $md = $req.metadata().clone();
+        let r = match auth::authenticate(&$self.ctx, &$md).await {
+            Ok($u) => {
+                let $body = $req.into_inner();
+                $call
+            }
+            Err(e) => Err(e),
+        };
+        answer(&$self.ctx, r)
+    }};
+}
+
 macro_rules! authed {
     ($self:ident, $req:ident, |$u:ident, $body:ident| $call:expr) => {{
         let r = match auth::authenticate(&$self.ctx, $req.metadata()).await {
@@ -384,40 +404,48 @@ impl Chat for ChatService {
         &self,
         req: Request<pb::SendMessageRequest>,
     ) -> Result<Response<pb::SendMessageResponse>, Status> {
-        authed!(self, req, |u, body| messages::send(&self.ctx, &u, body)
-            .await)
+        authed_md!(self, req, |u, body, md| messages::send(
+            &self.ctx, &u, body, &md
+        )
+        .await)
     }
 
     async fn edit_message(
         &self,
         req: Request<pb::EditMessageRequest>,
     ) -> Result<Response<pb::SendMessageResponse>, Status> {
-        authed!(self, req, |u, body| messages::edit(&self.ctx, &u, body)
-            .await)
+        authed_md!(self, req, |u, body, md| messages::edit(
+            &self.ctx, &u, body, &md
+        )
+        .await)
     }
 
     async fn delete_message(
         &self,
         req: Request<pb::DeleteMessageRequest>,
     ) -> Result<Response<pb::SendMessageResponse>, Status> {
-        authed!(self, req, |u, body| messages::delete(&self.ctx, &u, body)
-            .await)
+        authed_md!(self, req, |u, body, md| messages::delete(
+            &self.ctx, &u, body, &md
+        )
+        .await)
     }
 
     async fn react(
         &self,
         req: Request<pb::ReactRequest>,
     ) -> Result<Response<pb::SendMessageResponse>, Status> {
-        authed!(self, req, |u, body| messages::react(&self.ctx, &u, body)
-            .await)
+        authed_md!(self, req, |u, body, md| messages::react(
+            &self.ctx, &u, body, &md
+        )
+        .await)
     }
 
     async fn send_direct(
         &self,
         req: Request<pb::SendDirectRequest>,
     ) -> Result<Response<pb::SendMessageResponse>, Status> {
-        authed!(self, req, |u, body| messages::send_direct(
-            &self.ctx, &u, body
+        authed_md!(self, req, |u, body, md| messages::send_direct(
+            &self.ctx, &u, body, &md
         )
         .await)
     }

@@ -1,35 +1,19 @@
 //! Presence, typing and read markers: SetPresence, GetPresence, SetTyping, MarkRead,
 //! GetReceipts. Presence and typing are ephemeral and fanned out live; read markers
-//! are durable and never go backwards.
-
-use std::sync::Arc;
+//! are durable and never go backwards. Each handler publishes to this node's
+//! subscribers and hands the item to gossip (`replication::gossip`), which carries it
+//! to every other node; the receivers publish it to theirs.
 
 use parley_proto::v1 as pb;
 
 use super::{message_id, ApiError, ApiResult, Ctx};
 use crate::ids::{RoomId, UserId};
+use crate::replication::gossip::{presence_event, read_event, typing_event};
 use crate::replication::presence::Status;
-
-fn status_pb(s: Status) -> pb::PresenceState {
-    match s {
-        Status::Offline => pb::PresenceState::PresenceOffline,
-        Status::Online => pb::PresenceState::PresenceOnline,
-        Status::Away => pb::PresenceState::PresenceAway,
-        Status::Busy => pb::PresenceState::PresenceBusy,
-    }
-}
 
 /// Announces a user's presence to every room the user is in.
 pub fn announce_presence(ctx: &Ctx, user: &UserId, status: Status, last_seen: u64) {
-    let info = pb::PresenceInfo {
-        user: user.to_string(),
-        state: status_pb(status) as i32,
-        last_seen: last_seen as i64,
-    };
-    let ev = Arc::new(pb::Event {
-        cursor: String::new(),
-        kind: Some(pb::event::Kind::Presence(info)),
-    });
+    let ev = presence_event(user, status, last_seen);
     for room in ctx.rooms_of(user) {
         ctx.hub.publish_live(&room.id, ev.clone());
     }
@@ -37,18 +21,7 @@ pub fn announce_presence(ctx: &Ctx, user: &UserId, status: Status, last_seen: u6
 
 /// Announces a typing change to a room.
 pub fn announce_typing(ctx: &Ctx, room: &RoomId, user: &UserId, typing: bool) {
-    let t = pb::TypingEvent {
-        room_id: room.to_string(),
-        user: user.to_string(),
-        typing,
-    };
-    ctx.hub.publish_live(
-        room,
-        Arc::new(pb::Event {
-            cursor: String::new(),
-            kind: Some(pb::event::Kind::Typing(t)),
-        }),
-    );
+    ctx.hub.publish_live(room, typing_event(room, user, typing));
 }
 
 /// `SetPresence`: also the heartbeat; call it more often than the TTL.
@@ -57,22 +30,14 @@ pub(super) fn set(
     user: &UserId,
     req: pb::SetPresenceRequest,
 ) -> ApiResult<pb::SetPresenceResponse> {
-    let status = match pb::PresenceState::try_from(req.state) {
-        Ok(pb::PresenceState::PresenceOnline) => Status::Online,
-        Ok(pb::PresenceState::PresenceAway) => Status::Away,
-        Ok(pb::PresenceState::PresenceBusy) => Status::Busy,
-        Ok(pb::PresenceState::PresenceOffline) => Status::Offline,
-        Err(_) => {
-            return Err(ApiError::Invalid(format!(
-                "unknown presence state {}",
-                req.state
-            )))
-        }
-    };
-    let now = ctx.hlc.wall_ms();
-    if ctx.presence.set(user, status, now) {
-        announce_presence(ctx, user, status, now);
+    let status = Status::from_pb(req.state)
+        .ok_or_else(|| ApiError::Invalid(format!("unknown presence state {}", req.state)))?;
+    let (changed, last_seen) = ctx.presence.set(user, status, ctx.hlc.wall_ms());
+    if changed {
+        announce_presence(ctx, user, status, last_seen);
     }
+    // Every call, not only changes: a peer counts each copy as a heartbeat.
+    ctx.gossip.presence_set(user);
     Ok(pb::SetPresenceResponse {})
 }
 
@@ -91,8 +56,8 @@ pub(super) async fn get(
             let (s, seen) = ctx.presence.get(u);
             pb::PresenceInfo {
                 user: u.to_string(),
-                state: status_pb(s) as i32,
-                last_seen: seen as i64,
+                state: s.to_pb() as i32,
+                last_seen: i64::try_from(seen).unwrap_or(i64::MAX),
             }
         })
         .collect();
@@ -119,6 +84,8 @@ pub(super) async fn typing(
     if ctx.presence.set_typing(&room.id, user, req.typing) {
         announce_typing(ctx, &room.id, user, req.typing);
     }
+    // Every call: a repeated "typing" refreshes the 5 s mark on the other nodes too.
+    ctx.gossip.typing(&room.id, user, req.typing);
     Ok(pb::SetTypingResponse {})
 }
 
@@ -138,18 +105,9 @@ pub(super) async fn mark_read(
         )));
     }
     let now = ctx.markers.mark(&room.id, user, id).await?;
-    let ev = pb::ReadMarkerEvent {
-        room_id: room.id.to_string(),
-        user: user.to_string(),
-        message_id: now.to_string(),
-    };
-    ctx.hub.publish_live(
-        &room.id,
-        Arc::new(pb::Event {
-            cursor: String::new(),
-            kind: Some(pb::event::Kind::Read(ev)),
-        }),
-    );
+    ctx.hub
+        .publish_live(&room.id, read_event(&room.id, user, now));
+    ctx.gossip.marker(&room.id, user, now);
     Ok(pb::MarkReadResponse {
         message_id: now.to_string(),
     })

@@ -452,6 +452,36 @@ impl Groups {
         }
     }
 
+    /// This node's shared channels to its peers.
+    pub fn peers(&self) -> Peers {
+        self.inner.peers.clone()
+    }
+
+    /// The leader of partition `p` as this node knows it (needs a local replica).
+    pub fn leader_of(&self, p: PartitionId) -> Option<u64> {
+        self.group(p)
+            .and_then(|g| g.raft.metrics().borrow().current_leader)
+    }
+
+    /// The gRPC address of `node`: from the plan, else from the meta group's registry.
+    pub fn addr_of(&self, node: u64) -> Option<String> {
+        self.plan().members.get(&node).cloned().or_else(|| {
+            self.read_group(crate::consensus::cluster::META, |s| {
+                s.nodes.get(&node).map(|n| n.grpc.clone())
+            })
+            .flatten()
+        })
+    }
+
+    /// Voters of partition `p` in the plan.
+    pub fn replicas_of(&self, p: PartitionId) -> Vec<u64> {
+        self.plan()
+            .replicas
+            .get(&p.group())
+            .map(|v| v.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
     /// Local read of any group (the meta group included), or `None` without a local replica.
     pub fn read_group<T>(&self, gid: GroupId, f: impl FnOnce(&State) -> T) -> Option<T> {
         self.inner

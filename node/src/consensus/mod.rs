@@ -23,8 +23,9 @@ pub mod typ;
 
 pub use cluster::ClusterPlan;
 pub use groups::{AppliedEvent, ConsensusError, GroupStatus, Groups, Tuning};
-pub use network::ClusterRaftService;
+pub use network::{ClusterRaftService, ReplicationHandler};
 pub use peers::Faults;
+pub use peers::Peers;
 
 #[cfg(test)]
 mod cluster_tests;

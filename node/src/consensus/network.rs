@@ -15,14 +15,16 @@
 #![allow(clippy::result_large_err)]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use parley_proto::v1::cluster_server::Cluster;
 use parley_proto::v1::{
-    BarrierReply, BarrierRequest, ForwardReply, ForwardRequest, HelloReply, HelloRequest,
-    PushChangesReply, PushChangesRequest, RaftReply, RaftRequest, SyncReply, SyncRequest,
+    BarrierReply, BarrierRequest, ForwardReply, ForwardRequest, GossipReply, GossipRequest,
+    HelloReply, HelloRequest, PushChangesReply, PushChangesRequest, RaftReply, RaftRequest,
+    SyncReply, SyncRequest,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -175,12 +177,24 @@ impl RaftNetwork<TypeConfig> for Network {
 }
 
 /// The `Cluster` gRPC service: Raft RPCs dispatched to the local groups, and `Hello`.
-/// CRDT replication (`PushChanges`, `SyncRoom`) is served elsewhere once it exists.
+/// Replication calls (`PushChanges`, `SyncRoom`, `Gossip`) go to the plugged-in
+/// [`ReplicationHandler`].
 #[derive(Clone)]
 pub struct ClusterRaftService {
     groups: Groups,
     cluster: String,
     http_addr: Option<SocketAddr>,
+    replication: Option<Arc<dyn ReplicationHandler>>,
+}
+
+/// The replication side of the node-to-node service (timeline pushes, anti-entropy,
+/// gossip). The consensus layer only carries these calls; `node.rs` plugs the handler in,
+/// so this module stays free of timelines and presence.
+#[tonic::async_trait]
+pub trait ReplicationHandler: Send + Sync + 'static {
+    async fn push_changes(&self, req: PushChangesRequest) -> Result<PushChangesReply, Status>;
+    async fn sync_room(&self, req: SyncRequest) -> Result<SyncReply, Status>;
+    async fn gossip(&self, req: GossipRequest) -> Result<GossipReply, Status>;
 }
 
 impl ClusterRaftService {
@@ -189,7 +203,21 @@ impl ClusterRaftService {
             groups,
             cluster: cluster.into(),
             http_addr,
+            replication: None,
         }
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn replication(&self) -> Result<Arc<dyn ReplicationHandler>, Status> {
+        self.replication.clone().ok_or_else(|| {
+            Status::unavailable("this node does not serve replication yet (starting up)")
+        })
+    }
+
+    /// Serves `PushChanges`, `SyncRoom` and `Gossip` through `handler`.
+    pub fn with_replication(mut self, handler: Arc<dyn ReplicationHandler>) -> Self {
+        self.replication = Some(handler);
+        self
     }
 
     fn reply<T: Serialize, E: Serialize>(result: Result<T, E>) -> Response<RaftReply> {
@@ -246,17 +274,20 @@ impl Cluster for ClusterRaftService {
 
     async fn push_changes(
         &self,
-        _: Request<PushChangesRequest>,
+        req: Request<PushChangesRequest>,
     ) -> Result<Response<PushChangesReply>, Status> {
-        Err(Status::unimplemented(
-            "not yet: replication arrives with the cluster",
-        ))
+        let h = self.replication()?;
+        h.push_changes(req.into_inner()).await.map(Response::new)
     }
 
-    async fn sync_room(&self, _: Request<SyncRequest>) -> Result<Response<SyncReply>, Status> {
-        Err(Status::unimplemented(
-            "not yet: replication arrives with the cluster",
-        ))
+    async fn sync_room(&self, req: Request<SyncRequest>) -> Result<Response<SyncReply>, Status> {
+        let h = self.replication()?;
+        h.sync_room(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn gossip(&self, req: Request<GossipRequest>) -> Result<Response<GossipReply>, Status> {
+        let h = self.replication()?;
+        h.gossip(req.into_inner()).await.map(Response::new)
     }
 
     async fn forward(

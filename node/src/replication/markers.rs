@@ -1,5 +1,7 @@
 //! Read markers: per (room, user) the id of the last message read. Merge = max, so a
-//! marker never goes backwards, whatever order updates arrive in.
+//! marker never goes backwards, whatever order updates arrive in. Nodes exchange them by
+//! gossip (`replication::gossip`): [`Markers::merge`] applies a batch, [`Markers::scan`]
+//! walks the tree in bounded pages for anti-entropy.
 
 use std::sync::{Arc, Mutex};
 
@@ -20,6 +22,18 @@ fn key(room: &RoomId, user: &UserId) -> Vec<u8> {
     k.extend_from_slice(user.as_str().as_bytes());
     k
 }
+
+/// Room ids have a fixed length, so a key splits into (room, user) without a separator.
+const ROOM_ID_LEN: usize = 19;
+
+fn split_key(k: &[u8]) -> Option<(RoomId, UserId)> {
+    let room = std::str::from_utf8(k.get(..ROOM_ID_LEN)?).ok()?;
+    let user = std::str::from_utf8(k.get(ROOM_ID_LEN..)?).ok()?;
+    Some((RoomId::parse(room).ok()?, UserId::parse(user).ok()?))
+}
+
+/// One read marker: (room, user) -> last message read.
+pub type Marker = (RoomId, UserId, MessageId);
 
 impl Markers {
     pub fn open(db: &Db) -> Result<Self, StoreError> {
@@ -49,6 +63,57 @@ impl Markers {
         };
         self.db.flush().await?;
         Ok(now)
+    }
+
+    /// Merges a batch (max per marker) with one flush; returns the markers that moved
+    /// forward, at their new value. Durable before it returns.
+    pub async fn merge(&self, batch: &[Marker]) -> Result<Vec<Marker>, StoreError> {
+        let mut moved = Vec::new();
+        {
+            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            for (room, user, id) in batch {
+                let cur = self.get(room, user)?;
+                if cur < Some(*id) {
+                    self.tree.insert(key(room, user), id.to_bytes())?;
+                    moved.push((room.clone(), user.clone(), *id));
+                }
+            }
+        }
+        if !moved.is_empty() {
+            self.db.flush().await?;
+        }
+        Ok(moved)
+    }
+
+    /// Up to `limit` markers with keys after `after` (`None` = from the start), in key
+    /// order, and the cursor to continue from (`None` once the end is reached). Entries
+    /// that do not decode are skipped.
+    pub fn scan(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<(Vec<Marker>, Option<Vec<u8>>), StoreError> {
+        use std::ops::Bound;
+        let lo = match after {
+            Some(k) => Bound::Excluded(k.to_vec()),
+            None => Bound::Unbounded,
+        };
+        let kvs = self
+            .tree
+            .range::<Vec<u8>, _>((lo, Bound::Unbounded), limit.max(1))?;
+        let next = if kvs.len() >= limit.max(1) {
+            kvs.last().map(|(k, _)| k.clone())
+        } else {
+            None
+        };
+        let out = kvs
+            .iter()
+            .filter_map(|(k, v)| {
+                let (room, user) = split_key(k)?;
+                Some((room, user, MessageId::from_bytes(v).ok()?))
+            })
+            .collect();
+        Ok((out, next))
     }
 
     pub fn get(&self, room: &RoomId, user: &UserId) -> Result<Option<MessageId>, StoreError> {
@@ -113,5 +178,48 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    #[tokio::test]
+    async fn merge_keeps_the_max_and_scan_pages_through_all() {
+        let db = Db::temporary().unwrap();
+        let m = Markers::open(&db).unwrap();
+        let r = RoomId::parse("rm_0000000000000001").unwrap();
+        let users: Vec<UserId> = (0..5)
+            .map(|i| UserId::parse(&format!("u{i}")).unwrap())
+            .collect();
+        m.mark(&r, &users[0], MessageId(10)).await.unwrap();
+        let moved = m
+            .merge(&[
+                (r.clone(), users[0].clone(), MessageId(3)),
+                (r.clone(), users[1].clone(), MessageId(4)),
+                (r.clone(), users[0].clone(), MessageId(12)),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            moved,
+            vec![
+                (r.clone(), users[1].clone(), MessageId(4)),
+                (r.clone(), users[0].clone(), MessageId(12)),
+            ]
+        );
+        assert_eq!(m.get(&r, &users[0]).unwrap(), Some(MessageId(12)));
+        for u in &users[2..] {
+            m.mark(&r, u, MessageId(1)).await.unwrap();
+        }
+        let mut seen = Vec::new();
+        let mut cursor: Option<Vec<u8>> = None;
+        for _ in 0..10 {
+            let (page, next) = m.scan(cursor.as_deref(), 2).unwrap();
+            assert!(page.len() <= 2);
+            seen.extend(page.into_iter().map(|(_, u, _)| u));
+            match next {
+                Some(n) => cursor = Some(n),
+                None => break,
+            }
+        }
+        seen.sort();
+        assert_eq!(seen, users);
     }
 }

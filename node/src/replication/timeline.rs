@@ -56,7 +56,16 @@ pub enum TimelineError {
     Invalid { reason: String },
     #[error(transparent)]
     Storage(#[from] StoreError),
+    /// Durable on `have` replicas, fewer than the `need` the room asks for; the entry
+    /// may still reach the others (anti-entropy) and appear later.
+    #[error(
+        "written on {have} of the {need} replicas the room needs before the deadline; it may still appear"
+    )]
+    Quorum { need: u8, have: u8 },
 }
+
+/// How long a write waits for the other replicas' durable acknowledgements.
+pub const QUORUM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Chunk size limits (DESIGN §2: ~10,000 messages or ~4 MiB).
 #[derive(Debug, Clone, Copy)]
@@ -87,6 +96,8 @@ pub struct NewMessage {
     pub client_msg_id: String,
     /// The last id the client saw; the new id sorts after it.
     pub after: Option<MessageId>,
+    /// Replicas (this one included) that must hold the message durably before the ack.
+    pub write_quorum: u8,
 }
 
 /// The result of an append.
@@ -107,18 +118,29 @@ pub struct HistoryQuery {
     pub since_ms: Option<u64>,
 }
 
-struct RoomDoc {
-    chunk: u32,
-    doc: AutoCommit,
-    entries: usize,
-    bytes: usize,
-    next_seq: u64,
-    since_compact: usize,
+pub(super) struct RoomDoc {
+    pub(super) chunk: u32,
+    pub(super) doc: AutoCommit,
+    pub(super) entries: usize,
+    pub(super) bytes: usize,
+    pub(super) next_seq: u64,
+    pub(super) since_compact: usize,
     /// Index writes of entries already in `doc` but not yet in the store; the commit
     /// pipeline writes them together with the automerge change that holds the entries.
-    pending: Vec<(Vec<u8>, Vec<u8>)>,
+    pub(super) pending: Vec<(Vec<u8>, Vec<u8>)>,
     /// Events of those entries, in id order, published once they are durable.
-    pending_events: Vec<(MessageId, Arc<Event>)>,
+    pub(super) pending_events: Vec<(MessageId, Arc<Event>)>,
+    /// Writers waiting for those entries (and barrier waiters, see `wait_for_pending`).
+    pub(super) pending_waiters: Vec<Waiter>,
+    /// Entries written on this node since the last persist: only a room's writer seals
+    /// its chunks and pushes its changes; replicas follow.
+    pub(super) local_pending: usize,
+}
+
+/// A writer waiting for its entry to be durable on `quorum` replicas (this one included).
+pub(super) struct Waiter {
+    pub(super) quorum: u8,
+    pub(super) done: oneshot::Sender<Result<(), TimelineError>>,
 }
 
 impl RoomDoc {
@@ -139,11 +161,17 @@ impl RoomDoc {
             since_compact,
             pending: Vec::new(),
             pending_events: Vec::new(),
+            pending_waiters: Vec::new(),
+            local_pending: 0,
         }
     }
 
     /// The latest value of `key`: a pending write, else the store's.
-    fn read_through(&self, tree: &Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    pub(super) fn read_through(
+        &self,
+        tree: &Tree,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         match self.pending.iter().rev().find(|(k, _)| k.as_slice() == key) {
             Some((_, v)) => Ok(Some(v.clone())),
             None => tree.get(key),
@@ -152,28 +180,33 @@ impl RoomDoc {
 }
 
 /// A write waiting for the flush: the room to persist and the writer to answer.
-struct Commit {
+pub(super) struct Commit {
     slot: RoomSlot,
     room: RoomId,
-    done: oneshot::Sender<Result<(), StoreError>>,
 }
 
-type RoomSlot = Arc<tokio::sync::Mutex<Option<RoomDoc>>>;
+pub(super) type RoomSlot = Arc<tokio::sync::Mutex<Option<RoomDoc>>>;
 
-struct Inner {
-    db: Db,
-    tree: Tree,
-    hlc: Arc<Hlc>,
-    hub: Hub,
-    limits: ChunkLimits,
-    rooms: Mutex<HashMap<RoomId, RoomSlot>>,
-    commit_tx: mpsc::UnboundedSender<Commit>,
+pub(super) struct Inner {
+    pub(super) db: Db,
+    pub(super) tree: Tree,
+    pub(super) hlc: Arc<Hlc>,
+    pub(super) hub: Hub,
+    pub(super) limits: ChunkLimits,
+    pub(super) rooms: Mutex<HashMap<RoomId, RoomSlot>>,
+    pub(super) commit_tx: mpsc::UnboundedSender<Commit>,
+    /// Set once the node knows its peers (`set_network`); `None` on a lone node.
+    pub(super) network: Mutex<Option<(u64, Arc<dyn super::Network>)>>,
+    /// One sequential pusher per room, so each peer receives a room's changes in order.
+    pub(super) pushers: Mutex<HashMap<RoomId, mpsc::UnboundedSender<super::remote::PushItem>>>,
+    /// automerge sync state per (peer, room, chunk).
+    pub(super) sync_states: Mutex<HashMap<(u64, RoomId, u32), automerge::sync::State>>,
 }
 
 /// The timelines of every room this node replicates. Cheap to clone.
 #[derive(Clone)]
 pub struct Timelines {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
 const _: () = {
@@ -181,7 +214,7 @@ const _: () = {
     assert_send_sync::<Timelines>();
 };
 
-fn key(tag: u8, room: &RoomId, rest: &[&[u8]]) -> Vec<u8> {
+pub(super) fn key(tag: u8, room: &RoomId, rest: &[&[u8]]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + 19 + rest.iter().map(|r| r.len()).sum::<usize>());
     k.push(tag);
     k.extend_from_slice(room.as_str().as_bytes());
@@ -209,12 +242,15 @@ impl Timelines {
             limits,
             rooms: Mutex::new(HashMap::new()),
             commit_tx,
+            network: Mutex::new(None),
+            pushers: Mutex::new(HashMap::new()),
+            sync_states: Mutex::new(HashMap::new()),
         });
         tokio::spawn(commit_pipeline(Arc::downgrade(&inner), commit_rx));
         Ok(Self { inner })
     }
 
-    fn slot(&self, room: &RoomId) -> RoomSlot {
+    pub(super) fn slot(&self, room: &RoomId) -> RoomSlot {
         let mut rooms = self.inner.rooms.lock().unwrap_or_else(|p| p.into_inner());
         rooms.entry(room.clone()).or_default().clone()
     }
@@ -231,7 +267,7 @@ impl Timelines {
         Ok(())
     }
 
-    fn load_locked<'a>(
+    pub(super) fn load_locked<'a>(
         &self,
         room: &RoomId,
         g: &'a mut Option<RoomDoc>,
@@ -301,7 +337,8 @@ impl Timelines {
 
     /// Puts one entry into the open chunk and queues it, with its index `writes`, for the
     /// commit pipeline. Called with the room lock held. Returns the receiver that resolves
-    /// once the entry is durable and published.
+    /// once the entry is durable on `quorum` replicas (this one included) and published.
+    #[allow(clippy::too_many_arguments)]
     fn commit_entry(
         &self,
         room: &RoomId,
@@ -310,7 +347,8 @@ impl Timelines {
         entry: &TimelineEntry,
         writes: Vec<(Vec<u8>, Vec<u8>)>,
         event: Event,
-    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, TimelineError> {
+        quorum: u8,
+    ) -> Result<oneshot::Receiver<Result<(), TimelineError>>, TimelineError> {
         let bytes = entry.encode_to_vec();
         rd.doc
             .put(ROOT, id.to_string(), ScalarValue::Bytes(bytes.clone()))
@@ -319,20 +357,23 @@ impl Timelines {
         rd.pending.extend(writes);
         rd.pending_events.push((id, Arc::new(event)));
         rd.entries += 1;
-        self.enqueue(room)
+        rd.local_pending += 1;
+        self.wait_for_pending(room, rd, quorum)
     }
 
-    /// Asks the commit pipeline to persist and flush everything pending for `room`; the
-    /// receiver resolves once that is durable.
-    fn enqueue(
+    /// A receiver that resolves once everything pending for `room` now is durable here
+    /// (and on `quorum` replicas in all). Called with the room lock held.
+    pub(super) fn wait_for_pending(
         &self,
         room: &RoomId,
-    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, TimelineError> {
+        rd: &mut RoomDoc,
+        quorum: u8,
+    ) -> Result<oneshot::Receiver<Result<(), TimelineError>>, TimelineError> {
         let (done, rx) = oneshot::channel();
+        rd.pending_waiters.push(Waiter { quorum, done });
         let commit = Commit {
             slot: self.slot(room),
             room: room.clone(),
-            done,
         };
         self.inner
             .commit_tx
@@ -341,12 +382,11 @@ impl Timelines {
         Ok(rx)
     }
 
-    async fn wait_durable(
-        rx: oneshot::Receiver<Result<(), StoreError>>,
+    pub(super) async fn wait_durable(
+        rx: oneshot::Receiver<Result<(), TimelineError>>,
     ) -> Result<(), TimelineError> {
         rx.await
-            .map_err(|_| TimelineError::Storage(StoreError::Closed))??;
-        Ok(())
+            .map_err(|_| TimelineError::Storage(StoreError::Closed))?
     }
 
     /// Appends a message; returns once it is durable. A retry with the same
@@ -368,7 +408,7 @@ impl Timelines {
                         .map_err(|e| self.inner.tree.corrupt(e.to_string()))?;
                     // The first send may still be pending: answer once the pipeline has
                     // made everything queued for this room so far durable.
-                    let rx = self.enqueue(&m.room)?;
+                    let rx = self.wait_for_pending(&m.room, rd, 1)?;
                     drop(g);
                     Self::wait_durable(rx).await?;
                     return Ok(Appended {
@@ -399,7 +439,8 @@ impl Timelines {
                 cursor: String::new(),
                 kind: Some(event::Kind::Message(msg)),
             };
-            let rx = self.commit_entry(&m.room, rd, id, &entry, writes, event)?;
+            let quorum = m.write_quorum;
+            let rx = self.commit_entry(&m.room, rd, id, &entry, writes, event, quorum)?;
             (rx, id)
         };
         let (rx, id) = rx;
@@ -441,6 +482,7 @@ impl Timelines {
         &self,
         room: &RoomId,
         target: MessageId,
+        quorum: u8,
         change: impl FnOnce(
             &mut Message,
             MessageId,
@@ -470,7 +512,10 @@ impl Timelines {
                 cursor: String::new(),
                 kind: Some(event_kind),
             };
-            (self.commit_entry(room, rd, id, &entry, writes, event)?, id)
+            (
+                self.commit_entry(room, rd, id, &entry, writes, event, quorum)?,
+                id,
+            )
         };
         Self::wait_durable(rx).await?;
         Ok(Appended {
@@ -487,8 +532,9 @@ impl Timelines {
         editor: &UserId,
         target: MessageId,
         text: String,
+        quorum: u8,
     ) -> Result<Appended, TimelineError> {
-        self.amend(room, target, |msg, id| {
+        self.amend(room, target, quorum, |msg, id| {
             if msg.sender != editor.as_str() {
                 return Err(TimelineError::PermissionDenied {
                     reason: "you can only edit your own messages".into(),
@@ -528,8 +574,9 @@ impl Timelines {
         by: &UserId,
         is_admin: bool,
         target: MessageId,
+        quorum: u8,
     ) -> Result<Appended, TimelineError> {
-        self.amend(room, target, |msg, id| {
+        self.amend(room, target, quorum, |msg, id| {
             if msg.sender != by.as_str() && !is_admin {
                 return Err(TimelineError::PermissionDenied {
                     reason: "only the author or a room admin can delete a message".into(),
@@ -569,8 +616,9 @@ impl Timelines {
         target: MessageId,
         emoji: String,
         remove: bool,
+        quorum: u8,
     ) -> Result<Appended, TimelineError> {
-        self.amend(room, target, |msg, id| {
+        self.amend(room, target, quorum, |msg, id| {
             if msg.deleted {
                 return Err(TimelineError::Precondition {
                     reason: format!("message {target} is deleted"),
@@ -738,8 +786,51 @@ impl Timelines {
     }
 }
 
+/// Applies an edit, delete or reaction entry to the current state of its message (the
+/// history index). Edits: last writer wins by entry id, as entries apply in id order.
+pub(super) fn apply_amendment(msg: &mut Message, kind: &timeline_entry::Kind) {
+    match kind {
+        timeline_entry::Kind::Edit(e) => {
+            if !msg.deleted {
+                msg.text = e.text.clone();
+                msg.edited_at = e.at;
+            }
+        }
+        timeline_entry::Kind::Delete(_) => {
+            msg.deleted = true;
+            msg.text.clear();
+            msg.reactions.clear();
+        }
+        timeline_entry::Kind::Reaction(r) => {
+            if msg.deleted {
+                return;
+            }
+            let pos = msg.reactions.iter().position(|x| x.emoji == r.emoji);
+            match (pos, r.remove) {
+                (Some(i), true) => {
+                    msg.reactions[i].users.retain(|u| *u != r.user);
+                    if msg.reactions[i].users.is_empty() {
+                        msg.reactions.remove(i);
+                    }
+                }
+                (None, true) => {}
+                (Some(i), false) => {
+                    if !msg.reactions[i].users.contains(&r.user) {
+                        msg.reactions[i].users.push(r.user.clone());
+                    }
+                }
+                (None, false) => msg.reactions.push(Reaction {
+                    emoji: r.emoji.clone(),
+                    users: vec![r.user.clone()],
+                }),
+            }
+        }
+        timeline_entry::Kind::Message(_) => {}
+    }
+}
+
 /// The subscriber-facing event of a stored entry.
-fn entry_event(room: &RoomId, entry: TimelineEntry) -> Option<Event> {
+pub(super) fn entry_event(room: &RoomId, entry: TimelineEntry) -> Option<Event> {
     let kind = match entry.kind? {
         timeline_entry::Kind::Message(m) => event::Kind::Message(m),
         timeline_entry::Kind::Edit(e) => event::Kind::Edited(MessageEdited {
@@ -768,11 +859,12 @@ fn entry_event(room: &RoomId, entry: TimelineEntry) -> Option<Event> {
     })
 }
 
-/// Takes every queued commit; per room, writes the entries' automerge change and index
-/// entries as one atomic batch; flushes once; then publishes each room's events in id
-/// order and answers the writers. A room whose batch fails is dropped from memory (it
-/// reloads from disk on next use) and its writers get the error: nothing half-written is
-/// acknowledged or delivered.
+/// Takes every queued commit; per room, writes the pending entries' automerge change and
+/// index entries as one atomic batch; flushes once; publishes each room's events in id
+/// order; then answers the writers: those that need only this replica at once, the
+/// others once the room's pusher has their change durable on enough replicas. A room
+/// whose batch fails is dropped from memory (it reloads from disk on next use) and its
+/// writers get the error: nothing half-written is acknowledged or delivered.
 async fn commit_pipeline(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Commit>) {
     while let Some(first) = rx.recv().await {
         let mut commits = vec![first];
@@ -782,63 +874,83 @@ async fn commit_pipeline(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedR
                 Err(_) => break,
             }
         }
-        let Some(inner) = inner.upgrade() else {
-            for c in commits {
-                let _ = c.done.send(Err(StoreError::Closed));
-            }
-            return;
-        };
+        let Some(inner) = inner.upgrade() else { return };
         let mut rooms: Vec<(RoomId, RoomSlot)> = Vec::new();
-        for c in &commits {
+        for c in commits {
             if !rooms.iter().any(|(r, _)| *r == c.room) {
-                rooms.push((c.room.clone(), c.slot.clone()));
+                rooms.push((c.room, c.slot));
             }
         }
-        let mut failed: HashMap<RoomId, StoreError> = HashMap::new();
-        let mut publish = Vec::with_capacity(rooms.len());
+        let mut done: Vec<(RoomId, Persisted)> = Vec::with_capacity(rooms.len());
         for (room, slot) in rooms {
             let mut g = slot.lock().await;
             let Some(rd) = g.as_mut() else { continue };
             match persist(&inner, &room, rd) {
-                Ok(events) => publish.push((room, events)),
+                Ok(p) => done.push((room, p)),
                 Err(e) => {
                     tracing::error!(room = %room, error = %e, "timeline write failed; reloading the room");
+                    for w in std::mem::take(&mut rd.pending_waiters) {
+                        let _ = w.done.send(Err(e.clone().into()));
+                    }
                     *g = None;
-                    failed.insert(room, e);
                 }
             }
         }
         let flushed = inner.db.flush().await;
         if let Err(e) = &flushed {
             tracing::error!(error = %e, "timeline flush failed; sends are refused");
-        }
-        if flushed.is_ok() {
-            for (room, events) in publish {
-                inner.hub.publish_timeline(&room, events);
+            for (_, p) in done {
+                for w in p.waiters {
+                    let _ = w.done.send(Err(e.clone().into()));
+                }
             }
+            continue;
         }
-        for c in commits {
-            let res = match (&flushed, failed.get(&c.room)) {
-                (Err(e), _) | (Ok(()), Some(e)) => Err(e.clone()),
-                (Ok(()), None) => Ok(()),
-            };
-            let _ = c.done.send(res);
+        let network = inner
+            .network
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (room, p) in done {
+            inner.hub.publish_timeline(&room, p.events);
+            let (local, remote): (Vec<Waiter>, Vec<Waiter>) =
+                p.waiters.into_iter().partition(|w| w.quorum <= 1);
+            for w in local {
+                let _ = w.done.send(Ok(()));
+            }
+            match &network {
+                Some((_, net)) if !p.change.is_empty() => {
+                    super::remote::push(&inner, net, &room, p.chunk, p.change, remote)
+                }
+                _ => {
+                    // Nobody to push to: only this replica holds it.
+                    for w in remote {
+                        let _ = w.done.send(Err(TimelineError::Quorum {
+                            need: w.quorum,
+                            have: 1,
+                        }));
+                    }
+                }
+            }
         }
     }
 }
 
+/// What one room's persist produced: events to publish, the automerge change to push,
+/// and the writers waiting for it.
+struct Persisted {
+    events: Vec<(MessageId, Arc<Event>)>,
+    chunk: u32,
+    change: Vec<u8>,
+    waiters: Vec<Waiter>,
+}
+
 /// Writes a room's pending entries (one automerge change holding all of them, plus their
-/// index entries) as one batch, then compacts or seals the chunk if it is due. Returns
-/// the events to publish once flushed. Called with the room lock held.
-fn persist(
-    inner: &Inner,
-    room: &RoomId,
-    rd: &mut RoomDoc,
-) -> Result<Vec<(MessageId, Arc<Event>)>, StoreError> {
-    if rd.pending.is_empty() && rd.pending_events.is_empty() {
-        return Ok(Vec::new());
-    }
+/// index entries) as one batch, then compacts or seals the chunk if it is due (only the
+/// room's writer seals: see `remote`). Called with the room lock held.
+fn persist(inner: &Inner, room: &RoomId, rd: &mut RoomDoc) -> Result<Persisted, StoreError> {
     let t = &inner.tree;
+    let chunk = rd.chunk;
     let change = rd.doc.save_incremental();
     let mut batch = Batch::default();
     if !change.is_empty() {
@@ -861,18 +973,25 @@ fn persist(
         rd.since_compact += 1;
     }
     let events = std::mem::take(&mut rd.pending_events);
-    if rd.entries >= inner.limits.max_entries || rd.bytes >= inner.limits.max_bytes {
+    let waiters = std::mem::take(&mut rd.pending_waiters);
+    let local = std::mem::take(&mut rd.local_pending) > 0;
+    if local && (rd.entries >= inner.limits.max_entries || rd.bytes >= inner.limits.max_bytes) {
         seal(t, room, rd)?;
     } else if rd.since_compact >= inner.limits.compact_every {
         compact(t, room, rd)?;
     }
-    Ok(events)
+    Ok(Persisted {
+        events,
+        chunk,
+        change: if local { change } else { Vec::new() },
+        waiters,
+    })
 }
 
 /// Saves the open chunk whole and drops its incremental changes. The save is written
 /// before the changes are removed; a crash in between only leaves duplicates, which
 /// automerge ignores on load.
-fn compact(t: &Tree, room: &RoomId, rd: &mut RoomDoc) -> Result<(), StoreError> {
+pub(super) fn compact(t: &Tree, room: &RoomId, rd: &mut RoomDoc) -> Result<(), StoreError> {
     let cb = rd.chunk.to_be_bytes();
     let full = rd.doc.save();
     t.insert(key(b's', room, &[&cb]), &full)?;
@@ -885,13 +1004,18 @@ fn compact(t: &Tree, room: &RoomId, rd: &mut RoomDoc) -> Result<(), StoreError> 
 }
 
 /// Seals the open chunk (saved whole, left alone from now on) and opens the next one.
-fn seal(t: &Tree, room: &RoomId, rd: &mut RoomDoc) -> Result<(), StoreError> {
+pub(super) fn seal(t: &Tree, room: &RoomId, rd: &mut RoomDoc) -> Result<(), StoreError> {
     compact(t, room, rd)?;
     let next = rd.chunk + 1;
     t.insert(key(b'h', room, &[]), next.to_be_bytes())?;
     let mut doc = AutoCommit::new();
     doc.set_actor(automerge::ActorId::random());
-    *rd = RoomDoc::new(next, doc, 0, 0, 0, 0);
+    let mut fresh = RoomDoc::new(next, doc, 0, 0, 0, 0);
+    // Writes not persisted yet stay queued: their entries are in the sealed save.
+    fresh.pending = std::mem::take(&mut rd.pending);
+    fresh.pending_events = std::mem::take(&mut rd.pending_events);
+    fresh.pending_waiters = std::mem::take(&mut rd.pending_waiters);
+    *rd = fresh;
     tracing::debug!(room = %room, chunk = next, "sealed timeline chunk");
     Ok(())
 }
@@ -922,6 +1046,7 @@ mod tests {
             text: text.into(),
             client_msg_id: cid.into(),
             after: None,
+            write_quorum: 1,
         }
     }
 
@@ -1014,28 +1139,28 @@ mod tests {
         let r = room(2);
         let a = tl.send(msg(&r, "hello", "")).await.unwrap();
         let err = tl
-            .edit(&r, &user("bob"), a.id, "hijack".into())
+            .edit(&r, &user("bob"), a.id, "hijack".into(), 1)
             .await
             .unwrap_err();
         assert!(matches!(err, TimelineError::PermissionDenied { .. }));
-        tl.edit(&r, &user("alice"), a.id, "hello!".into())
+        tl.edit(&r, &user("alice"), a.id, "hello!".into(), 1)
             .await
             .unwrap();
-        tl.react(&r, &user("bob"), a.id, "👍".into(), false)
+        tl.react(&r, &user("bob"), a.id, "👍".into(), false, 1)
             .await
             .unwrap();
-        tl.react(&r, &user("carol"), a.id, "👍".into(), false)
+        tl.react(&r, &user("carol"), a.id, "👍".into(), false, 1)
             .await
             .unwrap();
-        tl.react(&r, &user("bob"), a.id, "👍".into(), true)
+        tl.react(&r, &user("bob"), a.id, "👍".into(), true, 1)
             .await
             .unwrap();
         let m = tl.get_message(&r, a.id).unwrap().unwrap();
         assert_eq!(m.text, "hello!");
         assert!(m.edited_at > 0);
         assert_eq!(m.reactions[0].users, vec!["carol".to_string()]);
-        assert!(tl.delete(&r, &user("bob"), false, a.id).await.is_err());
-        tl.delete(&r, &user("bob"), true, a.id).await.unwrap();
+        assert!(tl.delete(&r, &user("bob"), false, a.id, 1).await.is_err());
+        tl.delete(&r, &user("bob"), true, a.id, 1).await.unwrap();
         let m = tl.get_message(&r, a.id).unwrap().unwrap();
         assert!(m.deleted && m.text.is_empty());
         let all = tl
@@ -1046,7 +1171,7 @@ mod tests {
         let after_first = tl.replay(&r, all[0].0, MessageId(u128::MAX), 100).unwrap();
         assert_eq!(after_first.len(), 5);
         assert!(tl
-            .edit(&r, &user("alice"), MessageId(7), "x".into())
+            .edit(&r, &user("alice"), MessageId(7), "x".into(), 1)
             .await
             .is_err());
     }
@@ -1157,7 +1282,7 @@ mod tests {
             let tl = tl.clone();
             let r = r.clone();
             tasks.push(tokio::spawn(async move {
-                tl.react(&r, &user(&format!("u{u}")), target, "+1".into(), false)
+                tl.react(&r, &user(&format!("u{u}")), target, "+1".into(), false, 1)
                     .await
                     .unwrap()
             }));

@@ -3,6 +3,7 @@
 //! - `api`: in-process nodes driven through the gRPC API.
 //! - `cluster`: three real processes forming a cluster; leader kill, quorum loss, restarts.
 //! - `cli`: the `parley` binary's command-line contract (DESIGN §6) against a real node.
+//! - `replication`: replicated timelines on three processes: delivery, convergence, cursors, fences, quorums.
 //! - `crash`: kill -9 under load; nothing acked is lost or duplicated.
 //! - `support`: starting the binary, running CLI commands, clients.
 
@@ -12,4 +13,5 @@ mod api;
 mod cli;
 mod cluster;
 mod crash;
+mod replication;
 mod support;

@@ -1,0 +1,470 @@
+//! Timelines between nodes: the writer's pushes, applying changes that arrive from
+//! peers (pushed or found by anti-entropy), and the anti-entropy exchange itself.
+//!
+//! To stay correct:
+//! - A room's changes leave its writer through one pusher task, in the order they were
+//!   flushed, so a peer applies them in order; a peer that misses some (down, slow,
+//!   partitioned) gets them from anti-entropy, and automerge holds any change whose
+//!   dependencies have not arrived until they do.
+//! - A peer acknowledges a push as durable only once every change in it is applied
+//!   (no missing dependencies) and flushed; entries become visible (index, delivery)
+//!   through the same commit pipeline as local writes, in id order per batch.
+//! - Anti-entropy runs the automerge sync protocol over the open chunk. Of each pair of
+//!   replicas only the one with the smaller node id starts exchanges, and every exchange
+//!   starts from a fresh sync state on both sides, so a restart on either side cannot
+//!   leave a stale state that withholds changes.
+
+use std::sync::Arc;
+
+use automerge::sync::SyncDoc;
+use automerge::{ChangeHash, PatchAction, ReadDoc, ScalarValue, Value, ROOT};
+use futures::stream::{FuturesUnordered, StreamExt};
+use parley_proto::v1::{timeline_entry, Message, PushChangesRequest, SyncRequest, TimelineEntry};
+use prost::Message as _;
+use tokio::sync::mpsc;
+
+use super::timeline::{apply_amendment, entry_event, key, Inner, RoomDoc, Waiter};
+use super::{Network, TimelineError, Timelines, QUORUM_TIMEOUT};
+use crate::ids::{MessageId, RoomId};
+use crate::store::StoreError;
+
+/// One flushed change of a room's writer, and the writers waiting for replicas to hold it.
+pub(crate) struct PushItem {
+    chunk: u32,
+    change: Vec<u8>,
+    waiters: Vec<Waiter>,
+}
+
+/// Most rounds of one anti-entropy exchange.
+const SYNC_ROUNDS: usize = 16;
+
+/// Hands a flushed change to the room's pusher (started on first use).
+pub(super) fn push(
+    inner: &Arc<Inner>,
+    net: &Arc<dyn Network>,
+    room: &RoomId,
+    chunk: u32,
+    change: Vec<u8>,
+    waiters: Vec<Waiter>,
+) {
+    let me = inner
+        .network
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .map_or(0, |(n, _)| *n);
+    let item = PushItem {
+        chunk,
+        change,
+        waiters,
+    };
+    let mut pushers = inner.pushers.lock().unwrap_or_else(|p| p.into_inner());
+    let tx = pushers.entry(room.clone()).or_insert_with(|| {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(pusher(net.clone(), me, room.clone(), rx));
+        tx
+    });
+    if let Err(mpsc::error::SendError(item)) = tx.send(item) {
+        for w in item.waiters {
+            let _ = w.done.send(Err(TimelineError::Quorum {
+                need: w.quorum,
+                have: 1,
+            }));
+        }
+    }
+}
+
+/// Sends a room's changes to its peers in order. Each batch answers its writers as soon
+/// as enough peers hold it; pushes to the remaining peers finish in the background.
+async fn pusher(
+    net: Arc<dyn Network>,
+    me: u64,
+    room: RoomId,
+    mut rx: mpsc::UnboundedReceiver<PushItem>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut items = vec![first];
+        while items.len() < 64 {
+            match rx.try_recv() {
+                Ok(i) => items.push(i),
+                Err(_) => break,
+            }
+        }
+        // Consecutive items of the same chunk travel in one request, in order.
+        let mut requests: Vec<(u32, Vec<Vec<u8>>, Vec<Waiter>)> = Vec::new();
+        for item in items {
+            match requests.last_mut() {
+                Some((c, changes, waiters)) if *c == item.chunk => {
+                    changes.push(item.change);
+                    waiters.extend(item.waiters);
+                }
+                _ => requests.push((item.chunk, vec![item.change], item.waiters)),
+            }
+        }
+        for (chunk, changes, waiters) in requests {
+            let req = PushChangesRequest {
+                room_id: room.to_string(),
+                chunk,
+                changes,
+                from_node: me,
+            };
+            replicate(&net, &room, req, waiters).await;
+        }
+    }
+}
+
+/// Pushes one request to every peer and answers `waiters` as acknowledgements arrive.
+async fn replicate(
+    net: &Arc<dyn Network>,
+    room: &RoomId,
+    req: PushChangesRequest,
+    mut waiters: Vec<Waiter>,
+) {
+    let peers = net.peers_of(room);
+    let mut pending: FuturesUnordered<_> = peers
+        .into_iter()
+        .map(|peer| {
+            let net = net.clone();
+            let req = req.clone();
+            async move { tokio::time::timeout(QUORUM_TIMEOUT, net.push(peer, req)).await }
+        })
+        .collect();
+    let mut have: u8 = 1;
+    waiters.sort_by_key(|w| w.quorum);
+    while !waiters.is_empty() {
+        let Some(reply) = pending.next().await else {
+            break;
+        };
+        match reply {
+            Ok(Ok(r)) if r.durable => have = have.saturating_add(1),
+            Ok(Ok(r)) => {
+                tracing::debug!(room = %room, rejected = %r.rejected, "a peer did not take a push")
+            }
+            Ok(Err(e)) => tracing::debug!(room = %room, error = %e, "push failed"),
+            Err(_) => tracing::debug!(room = %room, "push timed out"),
+        }
+        while waiters.first().is_some_and(|w| w.quorum <= have) {
+            let w = waiters.remove(0);
+            let _ = w.done.send(Ok(()));
+        }
+    }
+    for w in waiters {
+        let _ = w.done.send(Err(TimelineError::Quorum {
+            need: w.quorum,
+            have,
+        }));
+    }
+    if !pending.is_empty() {
+        // Slower peers still get the change; nobody waits for them.
+        tokio::spawn(async move { while pending.next().await.is_some() {} });
+    }
+}
+
+impl Timelines {
+    /// Lets this node push to and sync with its peers; `me` is this node's id.
+    pub fn set_network(&self, me: u64, net: Arc<dyn Network>) {
+        *self.inner.network.lock().unwrap_or_else(|p| p.into_inner()) = Some((me, net));
+    }
+
+    /// Replicas of `room` that can be reached now, this one included.
+    pub fn reachable_replicas(&self, room: &RoomId) -> usize {
+        match self.network() {
+            Some((_, net)) => 1 + net.reachable_peers(room),
+            None => 1,
+        }
+    }
+
+    fn network(&self) -> Option<(u64, Arc<dyn Network>)> {
+        self.inner
+            .network
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Applies changes a peer pushed for `room`'s chunk `chunk`. Returns whether every
+    /// change could be applied (none waits for a missing dependency) and is now durable.
+    pub async fn apply_remote(
+        &self,
+        room: &RoomId,
+        chunk: u32,
+        changes: &[Vec<u8>],
+    ) -> Result<bool, TimelineError> {
+        let slot = self.slot(room);
+        let (rx, complete) = {
+            let mut g = slot.lock().await;
+            let rd = self.load_locked(room, &mut g)?;
+            if chunk < rd.chunk {
+                // A change for a chunk this replica has sealed already; anti-entropy of
+                // sealed chunks is not done yet, so say so rather than pretend.
+                return Ok(false);
+            }
+            while rd.chunk < chunk {
+                // The writer sealed: follow it.
+                super::timeline::seal(&self.inner.tree, room, rd)?;
+            }
+            let before = rd.doc.get_heads();
+            for c in changes {
+                rd.doc
+                    .load_incremental(c)
+                    .map_err(|e| TimelineError::Invalid {
+                        reason: format!("a pushed change does not decode: {e}"),
+                    })?;
+            }
+            let complete = rd.doc.get_missing_deps(&[]).is_empty();
+            self.index_new(room, rd, &before)?;
+            (self.wait_for_pending(room, rd, 1)?, complete)
+        };
+        Self::wait_durable(rx).await?;
+        Ok(complete)
+    }
+
+    /// Queues index entries and events for every timeline entry the document gained since
+    /// `before`, in id order.
+    fn index_new(
+        &self,
+        room: &RoomId,
+        rd: &mut RoomDoc,
+        before: &[ChangeHash],
+    ) -> Result<usize, TimelineError> {
+        let after = rd.doc.get_heads();
+        if after.as_slice() == before {
+            return Ok(0);
+        }
+        let mut new: Vec<(MessageId, Vec<u8>, TimelineEntry)> = Vec::new();
+        for patch in rd.doc.diff(before, &after) {
+            if patch.obj != ROOT {
+                continue;
+            }
+            let PatchAction::PutMap {
+                key: k,
+                value: (Value::Scalar(v), _),
+                ..
+            } = patch.action
+            else {
+                continue;
+            };
+            let ScalarValue::Bytes(bytes) = v.as_ref() else {
+                continue;
+            };
+            let Ok(id) = k.parse::<MessageId>() else {
+                tracing::warn!(room = %room, key = %k, "skipping a timeline key that is not a message id");
+                continue;
+            };
+            match TimelineEntry::decode(bytes.as_slice()) {
+                Ok(entry) => new.push((id, bytes.clone(), entry)),
+                Err(e) => {
+                    tracing::warn!(room = %room, id = %id, error = %e, "skipping an entry that does not decode")
+                }
+            }
+        }
+        new.sort_by_key(|(id, _, _)| *id);
+        let t = &self.inner.tree;
+        let n = new.len();
+        for (id, bytes, entry) in new {
+            self.inner.hlc.observe(id);
+            rd.pending.push((key(b'e', room, &[&id.to_bytes()]), bytes));
+            match &entry.kind {
+                Some(timeline_entry::Kind::Message(m)) => {
+                    rd.pending
+                        .push((key(b'm', room, &[&id.to_bytes()]), m.encode_to_vec()));
+                    if !m.client_msg_id.is_empty() {
+                        let mut rest = m.sender.as_bytes().to_vec();
+                        rest.push(0);
+                        rest.extend_from_slice(m.client_msg_id.as_bytes());
+                        rd.pending
+                            .push((key(b'k', room, &[&rest]), id.to_bytes().to_vec()));
+                    }
+                }
+                Some(kind) => {
+                    if let Some(target) = amendment_target(kind) {
+                        let mk = key(b'm', room, &[&target.to_bytes()]);
+                        if let Some(v) = rd.read_through(t, &mk)? {
+                            let mut msg = Message::decode(v.as_slice())
+                                .map_err(|e| t.corrupt(format!("message {target}: {e}")))?;
+                            apply_amendment(&mut msg, kind);
+                            rd.pending.push((mk, msg.encode_to_vec()));
+                        }
+                    }
+                }
+                None => {}
+            }
+            if let Some(ev) = entry_event(room, entry) {
+                rd.pending_events.push((id, Arc::new(ev)));
+            }
+            rd.entries += 1;
+        }
+        Ok(n)
+    }
+
+    /// Answers one message of a peer's anti-entropy exchange for `room`.
+    pub async fn handle_sync(&self, req: &SyncRequest) -> Result<Vec<u8>, TimelineError> {
+        let room = RoomId::parse(&req.room_id).map_err(|e| TimelineError::Invalid {
+            reason: e.to_string(),
+        })?;
+        let slot = self.slot(&room);
+        let (reply, rx) = {
+            let mut g = slot.lock().await;
+            let rd = self.load_locked(&room, &mut g)?;
+            if req.chunk != rd.chunk {
+                // Different open chunks: the writer's pushes move the one behind forward.
+                return Ok(Vec::new());
+            }
+            let mut states = self
+                .inner
+                .sync_states
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let k = (req.from_node, room.clone(), req.chunk);
+            if req.first {
+                states.insert(k.clone(), automerge::sync::State::new());
+            }
+            let state = states.entry(k).or_default();
+            let before = rd.doc.get_heads();
+            if !req.message.is_empty() {
+                let msg = automerge::sync::Message::decode(&req.message).map_err(|e| {
+                    TimelineError::Invalid {
+                        reason: format!("bad sync message: {e}"),
+                    }
+                })?;
+                rd.doc
+                    .sync()
+                    .receive_sync_message(state, msg)
+                    .map_err(|e| TimelineError::Invalid {
+                        reason: format!("sync message refused: {e}"),
+                    })?;
+            }
+            let reply = rd
+                .doc
+                .sync()
+                .generate_sync_message(state)
+                .map(|m| m.encode())
+                .unwrap_or_default();
+            drop(states);
+            let rx = if self.index_new(&room, rd, &before)? > 0 {
+                Some(self.wait_for_pending(&room, rd, 1)?)
+            } else {
+                None
+            };
+            (reply, rx)
+        };
+        if let Some(rx) = rx {
+            Self::wait_durable(rx).await?;
+        }
+        Ok(reply)
+    }
+
+    /// One anti-entropy exchange with `peer` over `room`'s open chunk. Returns how many
+    /// entries this side gained.
+    pub async fn sync_with(&self, peer: u64, room: &RoomId) -> Result<usize, TimelineError> {
+        let Some((me, net)) = self.network() else {
+            return Ok(0);
+        };
+        let slot = self.slot(room);
+        let mut gained = 0;
+        let mut state = automerge::sync::State::new();
+        for round in 0..SYNC_ROUNDS {
+            let (chunk, msg) = {
+                let mut g = slot.lock().await;
+                let rd = self.load_locked(room, &mut g)?;
+                let chunk = rd.chunk;
+                let msg = rd.doc.sync().generate_sync_message(&mut state);
+                (chunk, msg.map(|m| m.encode()))
+            };
+            let sent = msg.is_some();
+            let req = SyncRequest {
+                room_id: room.to_string(),
+                chunk,
+                message: msg.unwrap_or_default(),
+                from_node: me,
+                first: round == 0,
+            };
+            let reply = net.sync(peer, req).await.map_err(|e| {
+                TimelineError::Storage(StoreError::Io(format!("sync with node {peer}: {e}")))
+            })?;
+            if reply.message.is_empty() {
+                if !sent {
+                    break;
+                }
+                continue;
+            }
+            let rx = {
+                let mut g = slot.lock().await;
+                let rd = self.load_locked(room, &mut g)?;
+                if rd.chunk != chunk {
+                    break;
+                }
+                let msg = automerge::sync::Message::decode(&reply.message).map_err(|e| {
+                    TimelineError::Invalid {
+                        reason: format!("bad sync reply: {e}"),
+                    }
+                })?;
+                let before = rd.doc.get_heads();
+                rd.doc
+                    .sync()
+                    .receive_sync_message(&mut state, msg)
+                    .map_err(|e| TimelineError::Invalid {
+                        reason: format!("sync reply refused: {e}"),
+                    })?;
+                let n = self.index_new(room, rd, &before)?;
+                gained += n;
+                if n > 0 {
+                    Some(self.wait_for_pending(room, rd, 1)?)
+                } else {
+                    None
+                }
+            };
+            if let Some(rx) = rx {
+                Self::wait_durable(rx).await?;
+            }
+        }
+        Ok(gained)
+    }
+
+    /// Anti-entropy until `stop`: every `every`, each room this node replicates is synced
+    /// with each peer whose id is greater than this node's.
+    pub async fn anti_entropy(
+        &self,
+        every: std::time::Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let Some((me, net)) = self.network() else {
+                continue;
+            };
+            for room in net.local_rooms() {
+                for peer in net.peers_of(&room).into_iter().filter(|p| *p > me) {
+                    match self.sync_with(peer, &room).await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(room = %room, peer, entries = n, "anti-entropy caught up")
+                        }
+                        Err(e) => {
+                            tracing::debug!(room = %room, peer, error = %e, "anti-entropy exchange failed")
+                        }
+                    }
+                    if *stop.borrow() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The message an edit, delete or reaction entry changes.
+fn amendment_target(kind: &timeline_entry::Kind) -> Option<MessageId> {
+    let t = match kind {
+        timeline_entry::Kind::Edit(e) => &e.target,
+        timeline_entry::Kind::Delete(d) => &d.target,
+        timeline_entry::Kind::Reaction(r) => &r.target,
+        timeline_entry::Kind::Message(_) => return None,
+    };
+    t.parse().ok()
+}

@@ -1,0 +1,247 @@
+//! Replicated timelines on three real processes: messages sent on one node reach
+//! subscribers on another, concurrent writers on every node end with identical
+//! timelines, a cursor taken on one node resumes on another, a ban fences every node,
+//! and write quorums behave as DESIGN §4 says when two nodes are down.
+
+use std::time::{Duration, Instant};
+
+use parley_proto::v1 as pb;
+
+use crate::support::{self, Cluster, Node};
+
+/// Message ids of a room's history as `node` has it.
+fn ids(node: &Node, token: &str, room: &str) -> Vec<String> {
+    support::history(node, token, room)
+        .iter()
+        .map(|m| m["id"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Polls `cond` every 200 ms until it holds or `within` passes.
+fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The next `n` messages of a stream (skipping live-only events), with the cursor after each.
+async fn messages(s: &mut tonic::Streaming<pb::Event>, n: usize) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while out.len() < n {
+        let ev = tokio::time::timeout_at(deadline, s.message())
+            .await
+            .expect("messages within 30 s")
+            .expect("stream error")
+            .expect("stream ended");
+        if let Some(pb::event::Kind::Message(m)) = ev.kind {
+            out.push((m.id, ev.cursor));
+        }
+    }
+    out
+}
+
+async fn send(
+    c: &mut parley_node::cli::client::Client,
+    room: &str,
+    text: &str,
+) -> Result<String, tonic::Status> {
+    let req = pb::SendMessageRequest {
+        room: room.into(),
+        text: text.as_bytes().to_vec(),
+        client_msg_id: format!("{text}-id"),
+        after: String::new(),
+    };
+    c.send_message(req).await.map(|r| r.into_inner().id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_replicate_converge_and_resume_across_nodes() {
+    let mut c = tokio::task::spawn_blocking(|| Cluster::start(3))
+        .await
+        .unwrap();
+    let (a, b, cc) = (0, 1, 2);
+    let alice = support::user(&c.nodes[a], "alice");
+    let bob = support::user(&c.nodes[b], "bob");
+    let carol = support::user(&c.nodes[cc], "carol");
+    c.nodes[a]
+        .cli(Some(&alice), &["room", "create", "town"])
+        .ok();
+    c.nodes[b].cli(Some(&bob), &["room", "join", "town"]).ok();
+    c.nodes[cc]
+        .cli(Some(&carol), &["room", "join", "town"])
+        .ok();
+
+    // A subscriber on C receives exactly the 100 messages sent on A, in order.
+    let mut on_c = c.nodes[cc].client(Some(&carol)).await;
+    let mut sub = on_c
+        .subscribe(pb::SubscribeRequest {
+            rooms: vec!["town".into()],
+            cursor: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut on_a = c.nodes[a].client(Some(&alice)).await;
+    let mut sent = Vec::new();
+    for i in 0..100 {
+        sent.push(
+            send(&mut on_a, "town", &format!("a{i}"))
+                .await
+                .expect("W=2 send acked"),
+        );
+    }
+    let got = messages(&mut sub, 100).await;
+    assert_eq!(
+        got.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+        sent,
+        "C's subscriber: all 100, once, in order"
+    );
+    let cursor_after_50 = got[49].1.clone();
+
+    // Three writers on three nodes at once: every node ends with the same timeline.
+    let mut writers = Vec::new();
+    for (i, (node, token)) in [(a, &alice), (b, &bob), (cc, &carol)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut client = c.nodes[node].client(Some(token)).await;
+        writers.push(tokio::spawn(async move {
+            for j in 0..30 {
+                send(&mut client, "town", &format!("w{i}-{j}"))
+                    .await
+                    .expect("concurrent send acked");
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let expected = ids(&c.nodes[a], &alice, "town");
+    assert_eq!(expected.len(), 190);
+    let mut sorted = expected.clone();
+    sorted.sort();
+    assert_eq!(sorted, expected, "history is in id order");
+    for (node, token) in [(b, &bob), (cc, &carol)] {
+        eventually(Duration::from_secs(20), "identical timelines", || {
+            ids(&c.nodes[node], token, "town") == expected
+        });
+    }
+
+    // The cursor taken on C after the 50th message resumes on B with no gap or duplicate.
+    let mut on_b = c.nodes[b].client(Some(&bob)).await;
+    let mut resumed = on_b
+        .subscribe(pb::SubscribeRequest {
+            rooms: vec![],
+            cursor: cursor_after_50,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rest = messages(&mut resumed, 140).await;
+    assert_eq!(
+        rest.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+        expected[50..].to_vec()
+    );
+
+    // Presence and read markers set on one node show on the others (gossip).
+    c.nodes[a]
+        .cli(Some(&alice), &["presence", "set", "busy"])
+        .ok();
+    eventually(
+        Duration::from_secs(10),
+        "alice's presence reaches C",
+        || {
+            c.nodes[cc]
+                .cli(Some(&carol), &["--json", "presence", "show", "town"])
+                .json()
+                .iter()
+                .any(|p| p["user"] == "alice" && p["state"] == "busy")
+        },
+    );
+    let read_up_to = expected[10].clone();
+    c.nodes[a]
+        .cli(Some(&alice), &["read", "town", &read_up_to])
+        .ok();
+    eventually(
+        Duration::from_secs(10),
+        "alice's read marker reaches B",
+        || {
+            c.nodes[b]
+                .cli(Some(&bob), &["receipts", "town", &expected[5]])
+                .ok()
+                .contains("alice")
+        },
+    );
+
+    // Once a ban is acknowledged, the banned user's sends fail on every node.
+    c.nodes[cc]
+        .cli(Some(&alice), &["room", "ban", "town", "bob"])
+        .ok();
+    for node in [a, b, cc] {
+        let err = c.nodes[node]
+            .cli(Some(&bob), &["send", "town", "after the ban"])
+            .fails("PERMISSION_DENIED", 5);
+        assert!(err.contains("banned"), "{err}");
+    }
+
+    // Two nodes down: a W=2 send is refused, a W=1 room still accepts; after the restarts
+    // all three converge.
+    c.nodes[a]
+        .cli(
+            Some(&alice),
+            &["room", "create", "lossy", "--write-quorum", "1"],
+        )
+        .ok();
+    c.nodes[b].kill9();
+    c.nodes[cc].kill9();
+    let lonely = &c.nodes[a];
+    let start = Instant::now();
+    loop {
+        let run = lonely.cli(Some(&alice), &["send", "town", "needs two copies"]);
+        assert_ne!(
+            run.code, 0,
+            "a W=2 send with one replica up must not be acked"
+        );
+        if run.stderr.contains("UNAVAILABLE") {
+            break;
+        }
+        assert!(run.stderr.contains("DEADLINE_EXCEEDED"), "{}", run.stderr);
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "W=2 sends never refused with UNAVAILABLE"
+        );
+    }
+    let mut lossy = Vec::new();
+    for i in 0..5 {
+        lossy.push(
+            lonely
+                .cli(Some(&alice), &["send", "lossy", &format!("alone {i}")])
+                .ok()
+                .to_string(),
+        );
+    }
+    tokio::task::spawn_blocking(move || {
+        c.restart(b);
+        c.restart(cc);
+        let town = ids(&c.nodes[a], &alice, "town");
+        for node in [b, cc] {
+            eventually(
+                Duration::from_secs(40),
+                "town converges after restarts",
+                || ids(&c.nodes[node], &alice, "town") == town,
+            );
+        }
+        let on_a = ids(&c.nodes[a], &alice, "lossy");
+        assert!(lossy.iter().all(|id| on_a.contains(id)));
+        for node in [b, cc] {
+            eventually(Duration::from_secs(40), "the W=1 room converges", || {
+                ids(&c.nodes[node], &alice, "lossy") == on_a
+            });
+        }
+    })
+    .await
+    .unwrap();
+}
