@@ -1,16 +1,26 @@
-//! `testnet`: local Parley nodes and the load generator.
+//! `testnet`: local Parley clusters, failover measurements and the load generators.
 //!
-//! - [`up`]: start local `parley serve` processes, print their addresses, stay in the
-//!   foreground until Ctrl-C.
+//! - [`up`]: start N `parley serve` processes forming one cluster, print their
+//!   addresses, stay in the foreground until Ctrl-C.
+//! - [`ctl`]: `status`, `down`, `kill`, `start` on a running testnet from any shell.
+//! - [`cluster`]: the layout saved in `DIR/testnet.json` (fixed ports, flags, PIDs),
+//!   node processes by PID, ClusterStatus polling and readiness.
+//! - [`failover`]: kill partition leaders, time the new leader and the first write.
+//! - [`raft_bench`]: Raft-backed operations per second (JoinRoom/LeaveRoom pairs).
+//! - [`partitions`]: room names per partition, membership writes.
 //! - [`bench`]: the group-chat load benchmark (acked sends, subscriber fan-out,
 //!   latency histograms, lost and duplicate deliveries, node CPU and memory).
-//! - [`nodes`]: starting, watching and stopping `parley` child processes by PID, and
-//!   reading their CPU time and peak memory from `/proc`.
+//! - [`nodes`]: the `parley` binary, single child processes, CPU and memory from `/proc`.
 //! - [`duration`]: `30s` / `500ms` / `2m` command-line durations.
 
 mod bench;
+mod cluster;
+mod ctl;
 mod duration;
+mod failover;
 mod nodes;
+mod partitions;
+mod raft_bench;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -19,7 +29,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "testnet",
     version,
-    about = "Local Parley nodes and the load benchmark"
+    about = "Local Parley clusters, failover measurements and load benchmarks"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -28,12 +38,25 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Start local nodes and stay in the foreground until Ctrl-C.
+    /// Start an N-node cluster (default 3) and stay in the foreground until Ctrl-C.
     ///
-    /// For now each node is an independent single-node cluster; clustering them
-    /// (discovery, --join) arrives in a later issue.
+    /// Ports: gRPC BASE+i-1, HTTP BASE+80+i-1, p2p BASE+100+i-1 (BASE 7100), saved in
+    /// DIR/testnet.json; an existing DIR restarts the same cluster from its data.
     Up(up::UpArgs),
-    /// Group-chat load benchmark against fresh or running nodes.
+    /// Per node: PID running, gRPC reachable; then the cluster as a live node sees it.
+    /// Exit 0 only when every node runs and the cluster is healthy.
+    Status(ctl::StatusArgs),
+    /// Stop every node of a testnet (SIGTERM, SIGKILL after 5 s), by saved PID.
+    Down(ctl::DirArgs),
+    /// Send a signal (default 9) to one node, by saved PID.
+    Kill(ctl::KillArgs),
+    /// Start one node again (detached) with its saved ports and flags.
+    Start(ctl::StartArgs),
+    /// Kill partition leaders (kill -9) and time the new leader and the first write.
+    Failover(failover::FailoverArgs),
+    /// Raft-backed operations per second (JoinRoom/LeaveRoom pairs) on a cluster.
+    RaftBench(raft_bench::RaftBenchArgs),
+    /// Group-chat load benchmark against a fresh cluster or running nodes.
     Bench(Box<bench::BenchArgs>),
 }
 
@@ -42,6 +65,12 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Up(args) => up::run(args).await,
+        Command::Status(args) => ctl::status(args).await,
+        Command::Down(args) => ctl::down(args).await,
+        Command::Kill(args) => ctl::kill(args).await,
+        Command::Start(args) => ctl::start(args).await,
+        Command::Failover(args) => failover::run(args).await,
+        Command::RaftBench(args) => raft_bench::run(args).await,
         Command::Bench(args) => bench::run(*args).await,
     };
     match result {

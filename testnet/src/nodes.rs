@@ -1,46 +1,10 @@
-//! `parley serve` child processes: start, wait until serving, watch, stop by PID.
+//! The `parley` binary and processes' CPU and memory from `/proc`.
 //!
-//! A node announces that it serves by writing `<data-dir>/node.json` (the node's
-//! `Bound`). A data dir reused from an earlier run still holds the old file, so a node
-//! counts as ready only when the file names the PID we started.
-//!
-//! Stopping is always by the PID of a child we spawned: SIGTERM (through `kill(1)`,
-//! since this crate forbids `unsafe`), a bounded wait, then SIGKILL. A `NodeProc`
-//! dropped while its child still runs sends SIGKILL, so an error path never leaves a
-//! node behind.
+//! Starting, watching and stopping node processes lives in [`crate::cluster`].
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
-use tokio::process::{Child, Command};
-
-/// How long a node may take to write `node.json`.
-pub const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a node may take to exit after SIGTERM before it gets SIGKILL.
-pub const STOP_GRACE: Duration = Duration::from_secs(5);
-
-/// Mirror of `parley_node::node::Bound` (kept here so this binary does not build the node).
-#[derive(Debug, Clone, Deserialize)]
-pub struct Bound {
-    pub node_id: u64,
-    pub grpc: SocketAddr,
-    pub http: Option<SocketAddr>,
-    pub pid: u32,
-}
-
-/// A running `parley serve` that this process started.
-pub struct NodeProc {
-    pub name: String,
-    pub data_dir: PathBuf,
-    pub log: PathBuf,
-    pub bound: Bound,
-    child: Child,
-    pid: u32,
-}
 
 /// Finds the `parley` binary: `--parley PATH`, else beside this executable.
 pub fn find_parley(explicit: Option<&Path>) -> Result<PathBuf> {
@@ -61,116 +25,11 @@ pub fn find_parley(explicit: Option<&Path>) -> Result<PathBuf> {
     )
 }
 
-/// Starts `parley serve` on 127.0.0.1 with OS-chosen ports; output goes to `log`.
-pub async fn start(name: &str, parley: &Path, data_dir: &Path, log: &Path) -> Result<NodeProc> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
-    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let err = out.try_clone()?;
-    let mut child = Command::new(parley)
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(["--listen", "127.0.0.1:0"])
-        .args(["--http", "127.0.0.1:0"])
-        .args(["--p2p", "/ip4/127.0.0.1/tcp/0"])
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        // Own process group: a terminal's Ctrl-C reaches only testnet, which then
-        // stops each node by PID (and can report what it stopped).
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", parley.display()))?;
-    let pid = child.id().context("child exited before it had a pid")?;
-    let node_json = data_dir.join("node.json");
-    let deadline = Instant::now() + START_TIMEOUT;
-    let bound = loop {
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "{name} (pid {pid}) exited during start with {status}; log {}:\n{}",
-                log.display(),
-                log_tail(log, 20)
-            );
-        }
-        if let Some(bound) = read_bound(&node_json).filter(|b| b.pid == pid) {
-            break bound;
-        }
-        if Instant::now() >= deadline {
-            // Dropping `child` (kill_on_drop) stops it.
-            bail!(
-                "{name} (pid {pid}) did not write {} within {:?}; log {}:\n{}",
-                node_json.display(),
-                START_TIMEOUT,
-                log.display(),
-                log_tail(log, 20)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    Ok(NodeProc {
-        name: name.to_string(),
-        data_dir: data_dir.to_path_buf(),
-        log: log.to_path_buf(),
-        bound,
-        child,
-        pid,
-    })
-}
-
-fn read_bound(path: &Path) -> Option<Bound> {
-    let text = std::fs::read_to_string(path).ok()?;
-    serde_json::from_str(&text).ok()
-}
-
 /// The last `lines` lines of a log file (for error messages).
 pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-impl NodeProc {
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    /// `Some(status)` once the process has exited.
-    pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    /// SIGTERM, wait up to [`STOP_GRACE`], then SIGKILL. Returns the exit status.
-    pub async fn stop(&mut self) -> Result<ExitStatus> {
-        if let Some(status) = self.exited() {
-            return Ok(status);
-        }
-        // The child is not reaped yet, so its PID cannot have been reused.
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        match tokio::time::timeout(STOP_GRACE, self.child.wait()).await {
-            Ok(status) => Ok(status?),
-            Err(_) => {
-                self.child.start_kill()?;
-                let status = tokio::time::timeout(STOP_GRACE, self.child.wait())
-                    .await
-                    .context("process did not exit after SIGKILL")??;
-                Ok(status)
-            }
-        }
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        if self.exited().is_none() {
-            let _ = self.child.start_kill();
-        }
-    }
 }
 
 /// CPU time and memory of a process, from `/proc`.

@@ -21,8 +21,8 @@ mod load;
 mod payload;
 mod report;
 mod schedule;
-mod setup;
-mod stats;
+pub(crate) mod setup;
+pub(crate) mod stats;
 mod svg;
 
 use std::collections::BTreeMap;
@@ -39,18 +39,22 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::watch;
 
+use crate::cluster::{self, Layout, Running};
 use crate::duration;
-use crate::nodes::{self, NodeProc, ProcSample};
+use crate::nodes::{self, ProcSample};
 use load::{Clock, SenderLog, SenderPlan, Shared};
 use report::{ConfigEcho, ProcReport, Report};
 use stats::{check_deliveries, merge_codes, new_hist, LatencySummary, SubscriberLog};
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// gRPC addresses of running nodes (HOST:PORT,...). Without it a fresh node is
-    /// started in a temporary directory and stopped at the end.
+    /// gRPC addresses of running nodes (HOST:PORT,...). Without it a fresh cluster of
+    /// `--nodes` nodes is started in a temporary directory and stopped at the end.
     #[arg(long, value_delimiter = ',', value_name = "ADDR,...")]
     target: Vec<String>,
+    /// Nodes of the cluster started here (without --target).
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
     /// The `parley` binary to start (default: beside this executable).
     #[arg(long, value_name = "PATH")]
     parley: Option<PathBuf>,
@@ -79,7 +83,8 @@ pub struct BenchArgs {
     /// from each message's scheduled time). 0 = closed loop.
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
-    /// Write quorum of the bench rooms (default: the cluster's).
+    /// Write quorum of the bench rooms (default: the cluster's on one node, 1 on a
+    /// cluster, since messages are not replicated across nodes yet).
     #[arg(long)]
     write_quorum: Option<u32>,
     /// Unacked sends allowed per sender.
@@ -106,7 +111,7 @@ pub struct BenchArgs {
     /// Write an SVG chart of p50/p99 delivery latency per second.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
-    /// Keep the started node's data directory.
+    /// Keep the started cluster's data directory.
     #[arg(long)]
     keep: bool,
 }
@@ -156,29 +161,43 @@ impl BenchArgs {
 
 pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     args.validate()?;
-    let mut started: Vec<NodeProc> = Vec::new();
+    let mut started: Option<Running> = None;
     let mut tmp: Option<tempfile::TempDir> = None;
     let targets: Vec<SocketAddr> = if args.target.is_empty() {
         let parley = nodes::find_parley(args.parley.as_deref())?;
         let dir = tempfile::Builder::new().prefix("parley-bench-").tempdir()?;
-        eprintln!("starting {} in {}", parley.display(), dir.path().display());
-        let node = nodes::start(
-            "node-1",
-            &parley,
-            &dir.path().join("node-1"),
-            &dir.path().join("node-1.log"),
-        )
-        .await;
+        eprintln!(
+            "starting a {}-node cluster ({}) in {}",
+            args.nodes,
+            parley.display(),
+            dir.path().display()
+        );
+        let layout = Layout::plan(dir.path(), &parley, args.nodes, 0, &[])?;
         tmp = Some(dir);
-        match node {
-            Ok(n) => {
-                eprintln!("node-1 pid {} serving gRPC on {}", n.pid(), n.bound.grpc);
-                let addr = n.bound.grpc;
-                started.push(n);
-                vec![addr]
+        let run = tokio::select! {
+            r = Running::start(layout, Duration::from_secs(90)) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted while starting")),
+        };
+        let run = match run {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(dir) = tmp {
+                    eprintln!("cluster data and logs kept in {}", dir.keep().display());
+                }
+                return Err(e);
             }
-            Err(e) => return Err(e),
+        };
+        for n in &run.layout.nodes {
+            eprintln!(
+                "node {} pid {} serving gRPC on {}",
+                n.id,
+                n.pid.unwrap_or(0),
+                n.grpc
+            );
         }
+        let addrs = run.layout.grpc_addrs();
+        started = Some(run);
+        addrs
     } else {
         args.target
             .iter()
@@ -189,14 +208,17 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
             })
             .collect::<Result<_>>()?
     };
-    let mut watched: Vec<(String, u32)> =
-        started.iter().map(|n| (n.name.clone(), n.pid())).collect();
+    let mut watched: Vec<(String, u32)> = started
+        .iter()
+        .flat_map(|r| r.layout.nodes.iter())
+        .filter_map(|n| n.pid.map(|p| (format!("node-{}", n.id), p)))
+        .collect();
     watched.extend(args.pids.iter().map(|p| (format!("pid {p}"), *p)));
 
     let hard = args.hard_timeout();
     let mut interrupted = false;
     let outcome = tokio::select! {
-        r = tokio::time::timeout(hard, bench(&args, &targets, !started.is_empty(), &watched)) => {
+        r = tokio::time::timeout(hard, bench(&args, &targets, started.as_ref().map_or(0, |r| r.layout.nodes.len()), &watched)) => {
             r.unwrap_or_else(|_| Err(anyhow!("hard timeout of {hard:?} reached (--timeout)")))
         }
         _ = tokio::signal::ctrl_c() => {
@@ -206,20 +228,16 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     };
 
     let mut node_died = false;
-    for n in &mut started {
-        if let Some(status) = n.exited() {
+    if let Some(run) = started.as_mut() {
+        for (id, status) in run.exited() {
             node_died = true;
+            let log = run.layout.node(id).map(|s| s.log.clone());
             eprintln!(
-                "{} (pid {}) exited during the bench: {status}; log:\n{}",
-                n.name,
-                n.pid(),
-                nodes::log_tail(&n.log, 20)
+                "node {id} exited during the bench: {status}; log:\n{}",
+                log.map(|l| nodes::log_tail(&l, 20)).unwrap_or_default()
             );
         }
-        match n.stop().await {
-            Ok(_) => {}
-            Err(e) => eprintln!("stopping {} (pid {}): {e:#}", n.name, n.pid()),
-        }
+        run.stop_all().await;
     }
     if let Some(dir) = tmp {
         // Keep what a failed run left for a post-mortem, not what Ctrl-C cut short.
@@ -248,6 +266,14 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     })
 }
 
+/// Nodes in the cluster behind `addr` (ClusterStatus), 1 if it does not say.
+async fn cluster_size(addr: SocketAddr) -> usize {
+    match cluster::cluster_status(addr, Duration::from_secs(5)).await {
+        Ok(st) => st.nodes.len().max(1),
+        Err(_) => 1,
+    }
+}
+
 fn style(template: &str) -> ProgressStyle {
     ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
 }
@@ -255,9 +281,10 @@ fn style(template: &str) -> ProgressStyle {
 async fn bench(
     args: &BenchArgs,
     targets: &[SocketAddr],
-    started_node: bool,
+    nodes_started: usize,
     watched: &[(String, u32)],
 ) -> Result<Report> {
+    let started_node = nodes_started > 0;
     let setup_t0 = Instant::now();
     let clock = Clock::new();
     let shared = Arc::new(Shared::new(clock));
@@ -273,6 +300,33 @@ async fn bench(
     let mut clients = Vec::new();
     for &t in targets {
         clients.push(setup::connect(t, Some(args.rpc_timeout)).await?);
+    }
+    let cluster_nodes = match nodes_started {
+        0 => cluster_size(targets[0]).await,
+        n => n,
+    };
+    let mut notes = Vec::new();
+    let write_quorum = match args.write_quorum {
+        Some(w) => w,
+        None if cluster_nodes > 1 => {
+            notes.push(format!(
+                "rooms created with write quorum 1: the cluster has {cluster_nodes} nodes and \
+                 messages are not replicated across nodes yet (W=2 sends are refused)"
+            ));
+            1
+        }
+        None => 0,
+    };
+    if targets.len() > 1 {
+        notes.push(format!(
+            "each room has a home node (room index % {}): its sends and its subscribers go \
+             there, since a message is stored only on the node that received it until \
+             replication exists; setup calls are spread over all nodes",
+            targets.len()
+        ));
+    }
+    for n in &notes {
+        eprintln!("NOTE: {n}");
     }
     let pb = ProgressBar::new((1 + args.senders + n_subs) as u64)
         .with_style(style("{msg:>24} [{bar:30}] {pos}/{len} {elapsed}"));
@@ -296,17 +350,8 @@ async fn bench(
     pb.set_position(0);
     pb.set_message("creating rooms");
     let names: Vec<String> = (0..args.rooms).map(|r| format!("b{run_id}-r{r}")).collect();
-    let room_ids = Arc::new(
-        setup::create_rooms(
-            &clients[0],
-            &admin,
-            &names,
-            args.write_quorum.unwrap_or(0),
-            conc,
-            &pb,
-        )
-        .await?,
-    );
+    let room_ids =
+        Arc::new(setup::create_rooms(&clients[0], &admin, &names, write_quorum, conc, &pb).await?);
 
     let mut pairs = Vec::new();
     for (i, u) in sub_users.iter().enumerate() {
@@ -333,7 +378,8 @@ async fn bench(
     {
         let jobs = sub_users.iter().enumerate().map(|(i, u)| {
             let room = i / args.subscribers_per_room.max(1);
-            let addr = targets[u.target % targets.len()];
+            // The room's home node: where its senders send (see the header note).
+            let addr = targets[room % targets.len()];
             let room_id = room_ids[room].clone();
             let pb = &pb;
             async move {
@@ -354,10 +400,14 @@ async fn bench(
         }
     }
 
+    // Each sender: one connection per node, so every send reaches its room's home.
     let mut send_clients = Vec::with_capacity(args.senders);
-    for u in &send_users {
-        send_clients
-            .push(setup::connect(targets[u.target % targets.len()], Some(args.rpc_timeout)).await?);
+    for _ in &send_users {
+        let mut per_target = Vec::with_capacity(targets.len());
+        for t in targets {
+            per_target.push(setup::connect(*t, Some(args.rpc_timeout)).await?);
+        }
+        send_clients.push(per_target);
     }
     // Let the last subscriptions settle before the first message.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -397,7 +447,7 @@ async fn bench(
         };
         let plan = SenderPlan {
             index: p,
-            client,
+            clients: client,
             user,
             room_ids: room_ids.clone(),
             rooms_per_sender: per_sender,
@@ -534,6 +584,8 @@ async fn bench(
         config: ConfigEcho {
             targets: targets.iter().map(ToString::to_string).collect(),
             started_node,
+            nodes_started,
+            notes,
             rooms: args.rooms,
             senders: args.senders,
             rooms_per_sender: per_sender,
@@ -548,7 +600,7 @@ async fn bench(
             messages: args.messages,
             rate: args.rate,
             inflight: args.inflight,
-            write_quorum: args.write_quorum.unwrap_or(0),
+            write_quorum,
             drain_s: args.drain.as_secs_f64(),
         },
         unix_time_s: SystemTime::now()

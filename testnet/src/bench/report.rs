@@ -12,6 +12,12 @@ use super::svg;
 pub struct ConfigEcho {
     pub targets: Vec<String>,
     pub started_node: bool,
+    /// Nodes started here (0 with --target).
+    #[serde(default)]
+    pub nodes_started: usize,
+    /// Caveats printed under the header (write quorum chosen, room home nodes).
+    #[serde(default)]
+    pub notes: Vec<String>,
     pub rooms: usize,
     pub senders: usize,
     pub rooms_per_sender: usize,
@@ -121,6 +127,9 @@ impl Report {
             c.size,
             if c.write_quorum == 0 { "default".to_string() } else { c.write_quorum.to_string() }
         );
+        for note in &c.notes {
+            let _ = writeln!(s, "  NOTE: {note}");
+        }
         let _ = writeln!(
             s,
             "  setup {:.1}s, load {:.1}s",

@@ -1,6 +1,9 @@
-//! End-to-end tests of the `testnet` binary against an in-memory mock of the Chat API.
+//! End-to-end tests of the `testnet` binary: the bench against an in-memory mock of
+//! the Chat API (here), and a real 3-node cluster through `up`/`status`/`kill`/
+//! `start`/`down` ([`cluster`]).
 #![allow(clippy::unwrap_used)]
 
+mod cluster;
 mod mock;
 
 use std::path::Path;
