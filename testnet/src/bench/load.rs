@@ -148,8 +148,7 @@ pub async fn subscriber(
 /// What one sender needs.
 pub struct SenderPlan {
     pub index: usize,
-    /// One connection per target; a send goes to its room's home node
-    /// (`room % clients.len()`), where the room's subscribers are.
+    /// One connection per target; this sender sends through `index % clients.len()`.
     pub clients: Vec<ChatClient<Channel>>,
     pub user: User,
     pub room_ids: Arc<Vec<String>>,
@@ -256,7 +255,7 @@ pub async fn sender(plan: SenderPlan, shared: Arc<Shared>) -> SenderLog {
             },
             &plan.user.auth,
         );
-        let mut c = plan.clients[room % plan.clients.len()].clone();
+        let mut c = plan.clients[plan.index % plan.clients.len()].clone();
         let limit = plan.rpc_timeout + Duration::from_secs(1);
         pending.push(async move {
             let res = match tokio::time::timeout(limit, c.send_message(req)).await {
