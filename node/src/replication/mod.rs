@@ -13,6 +13,8 @@
 //! protocol with its peers on a timer (anti-entropy), so replicas converge after any
 //! fault.
 
+#[cfg(test)]
+mod convergence_tests;
 pub mod gossip;
 pub mod markers;
 pub mod presence;

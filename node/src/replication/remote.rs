@@ -33,7 +33,12 @@ pub(crate) struct PushItem {
     chunk: u32,
     change: Vec<u8>,
     waiters: Vec<Waiter>,
+    /// Resolves with the result of this node's flush of the change.
+    flushed: Flushed,
 }
+
+/// The local flush of a pipeline round: `None` until it finished.
+pub(crate) type Flushed = tokio::sync::watch::Receiver<Option<Result<(), StoreError>>>;
 
 /// Most rounds of one anti-entropy exchange.
 const SYNC_ROUNDS: usize = 16;
@@ -46,6 +51,7 @@ pub(super) fn push(
     chunk: u32,
     change: Vec<u8>,
     waiters: Vec<Waiter>,
+    flushed: Flushed,
 ) {
     let me = inner
         .network
@@ -57,6 +63,7 @@ pub(super) fn push(
         chunk,
         change,
         waiters,
+        flushed,
     };
     let mut pushers = inner.pushers.lock().unwrap_or_else(|p| p.into_inner());
     let tx = pushers.entry(room.clone()).or_insert_with(|| {
@@ -91,14 +98,15 @@ async fn pusher(
             }
         }
         // Consecutive items of the same chunk travel in one request, in order.
-        let mut requests: Vec<(u32, Vec<Vec<u8>>, Vec<Waiter>)> = Vec::new();
+        let mut requests: Vec<(u32, Vec<Vec<u8>>, Vec<(Waiter, Flushed)>)> = Vec::new();
         for item in items {
+            let waiters = item.waiters.into_iter().map(|w| (w, item.flushed.clone()));
             match requests.last_mut() {
-                Some((c, changes, waiters)) if *c == item.chunk => {
+                Some((c, changes, ws)) if *c == item.chunk => {
                     changes.push(item.change);
-                    waiters.extend(item.waiters);
+                    ws.extend(waiters);
                 }
-                _ => requests.push((item.chunk, vec![item.change], item.waiters)),
+                _ => requests.push((item.chunk, vec![item.change], waiters.collect())),
             }
         }
         for (chunk, changes, waiters) in requests {
@@ -113,12 +121,14 @@ async fn pusher(
     }
 }
 
-/// Pushes one request to every peer and answers `waiters` as acknowledgements arrive.
+/// Pushes one request to every peer and answers `waiters` as acknowledgements arrive:
+/// a writer is answered once its own round's local flush succeeded and `quorum - 1`
+/// peers hold the change durably.
 async fn replicate(
     net: &Arc<dyn Network>,
     room: &RoomId,
     req: PushChangesRequest,
-    mut waiters: Vec<Waiter>,
+    mut waiters: Vec<(Waiter, Flushed)>,
 ) {
     let peers = net.peers_of(room);
     let mut pending: FuturesUnordered<_> = peers
@@ -129,26 +139,65 @@ async fn replicate(
             async move { tokio::time::timeout(QUORUM_TIMEOUT, net.push(peer, req)).await }
         })
         .collect();
-    let mut have: u8 = 1;
-    waiters.sort_by_key(|w| w.quorum);
+    let mut acks: u8 = 0;
+    waiters.sort_by_key(|(w, _)| w.quorum);
+    let deadline = tokio::time::Instant::now() + QUORUM_TIMEOUT;
     while !waiters.is_empty() {
-        let Some(reply) = pending.next().await else {
-            break;
-        };
-        match reply {
-            Ok(Ok(r)) if r.durable => have = have.saturating_add(1),
-            Ok(Ok(r)) => {
-                tracing::debug!(room = %room, rejected = %r.rejected, "a peer did not take a push")
+        // Answer every waiter whose local flush is done and whose quorum is met.
+        let mut still = Vec::with_capacity(waiters.len());
+        for (w, mut f) in waiters {
+            let local = f.borrow_and_update().clone();
+            match local {
+                Some(Err(e)) => {
+                    let _ = w.done.send(Err(e.into()));
+                }
+                Some(Ok(())) if w.quorum <= acks.saturating_add(1) => {
+                    let _ = w.done.send(Ok(()));
+                }
+                _ => still.push((w, f)),
             }
-            Ok(Err(e)) => tracing::debug!(room = %room, error = %e, "push failed"),
-            Err(_) => tracing::debug!(room = %room, "push timed out"),
         }
-        while waiters.first().is_some_and(|w| w.quorum <= have) {
-            let w = waiters.remove(0);
-            let _ = w.done.send(Ok(()));
+        waiters = still;
+        if waiters.is_empty() {
+            break;
+        }
+        let mut flush = waiters[0].1.clone();
+        tokio::select! {
+            reply = pending.next(), if !pending.is_empty() => match reply {
+                Some(Ok(Ok(r))) if r.durable => acks = acks.saturating_add(1),
+                Some(Ok(Ok(r))) => tracing::debug!(room = %room, rejected = %r.rejected, "a peer did not take a push"),
+                Some(Ok(Err(e))) => tracing::debug!(room = %room, error = %e, "push failed"),
+                Some(Err(_)) => tracing::debug!(room = %room, "push timed out"),
+                None => {}
+            },
+            _ = flush.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+        if pending.is_empty() && waiters.iter().all(|(_, f)| f.borrow().is_some()) {
+            // No more acknowledgements can come; answer what can be answered, then stop.
+            let mut rest = Vec::new();
+            for (w, f) in waiters {
+                match f.borrow().clone() {
+                    Some(Ok(())) if w.quorum <= acks.saturating_add(1) => {
+                        let _ = w.done.send(Ok(()));
+                    }
+                    Some(Err(e)) => {
+                        let _ = w.done.send(Err(e.into()));
+                    }
+                    _ => rest.push(w),
+                }
+            }
+            for w in rest {
+                let _ = w.done.send(Err(TimelineError::Quorum {
+                    need: w.quorum,
+                    have: acks.saturating_add(1),
+                }));
+            }
+            waiters = Vec::new();
         }
     }
-    for w in waiters {
+    for (w, f) in waiters {
+        let have = acks.saturating_add(u8::from(matches!(*f.borrow(), Some(Ok(())))));
         let _ = w.done.send(Err(TimelineError::Quorum {
             need: w.quorum,
             have,

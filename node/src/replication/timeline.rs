@@ -896,32 +896,28 @@ async fn commit_pipeline(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedR
                 }
             }
         }
-        let flushed = inner.db.flush().await;
-        if let Err(e) = &flushed {
-            tracing::error!(error = %e, "timeline flush failed; sends are refused");
-            for (_, p) in done {
-                for w in p.waiters {
-                    let _ = w.done.send(Err(e.clone().into()));
-                }
-            }
-            continue;
-        }
+        // Changes go to the peers now, while this node flushes: a writer is answered
+        // once its entry is flushed here and acknowledged by enough peers.
         let network = inner
             .network
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let (flush_tx, flush_rx) = tokio::sync::watch::channel(None);
+        let mut publish = Vec::with_capacity(done.len());
         for (room, p) in done {
-            inner.hub.publish_timeline(&room, p.events);
             let (local, remote): (Vec<Waiter>, Vec<Waiter>) =
                 p.waiters.into_iter().partition(|w| w.quorum <= 1);
-            for w in local {
-                let _ = w.done.send(Ok(()));
-            }
             match &network {
-                Some((_, net)) if !p.change.is_empty() => {
-                    super::remote::push(&inner, net, &room, p.chunk, p.change, remote)
-                }
+                Some((_, net)) if !p.change.is_empty() => super::remote::push(
+                    &inner,
+                    net,
+                    &room,
+                    p.chunk,
+                    p.change,
+                    remote,
+                    flush_rx.clone(),
+                ),
                 _ => {
                     // Nobody to push to: only this replica holds it.
                     for w in remote {
@@ -929,6 +925,27 @@ async fn commit_pipeline(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedR
                             need: w.quorum,
                             have: 1,
                         }));
+                    }
+                }
+            }
+            publish.push((room, p.events, local));
+        }
+        let flushed = inner.db.flush().await;
+        let _ = flush_tx.send(Some(flushed.clone()));
+        match flushed {
+            Err(e) => {
+                tracing::error!(error = %e, "timeline flush failed; sends are refused");
+                for (_, _, local) in publish {
+                    for w in local {
+                        let _ = w.done.send(Err(e.clone().into()));
+                    }
+                }
+            }
+            Ok(()) => {
+                for (room, events, local) in publish {
+                    inner.hub.publish_timeline(&room, events);
+                    for w in local {
+                        let _ = w.done.send(Ok(()));
                     }
                 }
             }
