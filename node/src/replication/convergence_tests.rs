@@ -555,11 +555,9 @@ fn fixed_partition_scenario_converges() {
 /// Two edits of one message made on two sides of a partition: after the heal every
 /// replica must show the edit with the greater id (last writer wins, DESIGN §2).
 ///
-/// Fails today: `index_new` (remote.rs) applies an edit entry to the history index in
-/// arrival order (`apply_amendment` never compares entry ids), so each side ends with
-/// the other side's edit.
+/// Found by this suite: edits once applied to the history index in arrival order, so
+/// each side ended with the other side's edit; records are now rebuilt in id order.
 #[test]
-#[ignore = "known convergence bug: remote edits apply in arrival order, not last-writer-wins"]
 fn concurrent_edits_converge_to_last_writer() {
     use Op::*;
     let ops = [
@@ -582,11 +580,9 @@ fn concurrent_edits_converge_to_last_writer() {
 /// remover never saw the add): every replica must end with the same set (add-wins:
 /// the reaction stays).
 ///
-/// Fails today: reaction entries are applied to the index in arrival order, so the
-/// replica that added first and received the remove later drops the reaction, while
-/// the one that removed first keeps it.
+/// Reaction entries once applied to the index in arrival order, so the replicas
+/// disagreed; a message's record is now rebuilt from its amendments in id order.
 #[test]
-#[ignore = "known convergence bug: reaction add/remove apply in arrival order, not add-wins"]
 fn concurrent_reaction_add_and_remove_converge() {
     use Op::*;
     let react = |at, remove| React {
@@ -685,7 +681,6 @@ proptest! {
 
     /// The same with edits of one message on any replica and reaction removals.
     #[test]
-    #[ignore = "known convergence bug: racing edits/reactions apply in arrival order"]
     fn random_interleavings_with_racing_amendments_converge(
         ops in proptest::collection::vec(op(), 1..40)
     ) {

@@ -19,11 +19,11 @@ use std::sync::Arc;
 use automerge::sync::SyncDoc;
 use automerge::{ChangeHash, PatchAction, ReadDoc, ScalarValue, Value, ROOT};
 use futures::stream::{FuturesUnordered, StreamExt};
-use parley_proto::v1::{timeline_entry, Message, PushChangesRequest, SyncRequest, TimelineEntry};
+use parley_proto::v1::{timeline_entry, PushChangesRequest, SyncRequest, TimelineEntry};
 use prost::Message as _;
 use tokio::sync::mpsc;
 
-use super::timeline::{apply_amendment, entry_event, key, Inner, RoomDoc, Waiter};
+use super::timeline::{entry_event, key, rebuild_message, Inner, RoomDoc, Waiter};
 use super::{Network, TimelineError, Timelines, QUORUM_TIMEOUT};
 use crate::ids::{MessageId, RoomId};
 use crate::store::StoreError;
@@ -315,8 +315,6 @@ impl Timelines {
             rd.pending.push((key(b'e', room, &[&id.to_bytes()]), bytes));
             match &entry.kind {
                 Some(timeline_entry::Kind::Message(m)) => {
-                    rd.pending
-                        .push((key(b'm', room, &[&id.to_bytes()]), m.encode_to_vec()));
                     if !m.client_msg_id.is_empty() {
                         let mut rest = m.sender.as_bytes().to_vec();
                         rest.push(0);
@@ -324,15 +322,27 @@ impl Timelines {
                         rd.pending
                             .push((key(b'k', room, &[&rest]), id.to_bytes().to_vec()));
                     }
+                    // Amendments that arrived before the message apply now.
+                    if let Some(msg) = rebuild_message(t, rd, room, id)? {
+                        rd.pending
+                            .push((key(b'm', room, &[&id.to_bytes()]), msg.encode_to_vec()));
+                    }
                 }
                 Some(kind) => {
                     if let Some(target) = amendment_target(kind) {
-                        let mk = key(b'm', room, &[&target.to_bytes()]);
-                        if let Some(v) = rd.read_through(t, &mk)? {
-                            let mut msg = Message::decode(v.as_slice())
-                                .map_err(|e| t.corrupt(format!("message {target}: {e}")))?;
-                            apply_amendment(&mut msg, kind);
-                            rd.pending.push((mk, msg.encode_to_vec()));
+                        let ak = key(b'a', room, &[&target.to_bytes(), &id.to_bytes()]);
+                        rd.pending.push((
+                            ak,
+                            TimelineEntry {
+                                kind: Some(kind.clone()),
+                            }
+                            .encode_to_vec(),
+                        ));
+                        if let Some(msg) = rebuild_message(t, rd, room, target)? {
+                            rd.pending.push((
+                                key(b'm', room, &[&target.to_bytes()]),
+                                msg.encode_to_vec(),
+                            ));
                         }
                     }
                 }

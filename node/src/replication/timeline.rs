@@ -15,6 +15,9 @@
 //! - `e room id` -> the entry's protobuf bytes (resume/replay index)
 //! - `m room id` -> the message's current state, a `parley.v1.Message` (history index)
 //! - `k room sender 0 client_msg_id` -> the message id (idempotent retries)
+//! - `a room target id` -> an amendment (edit, delete, reaction) of message `target`;
+//!   a message's `m` record is rebuilt from its own entry and these, in id order, so
+//!   replicas that received entries in different orders agree
 //!
 //! To stay correct:
 //! - Writes to a room are serialized by the room's lock; ids are assigned, written and
@@ -164,6 +167,22 @@ impl RoomDoc {
             pending_waiters: Vec::new(),
             local_pending: 0,
         }
+    }
+
+    /// Pairs whose key starts with `prefix`: the store's, overridden by pending writes.
+    pub(super) fn scan_through(
+        &self,
+        tree: &Tree,
+        prefix: &[u8],
+    ) -> Result<std::collections::BTreeMap<Vec<u8>, Vec<u8>>, StoreError> {
+        let mut out: std::collections::BTreeMap<_, _> =
+            tree.scan_prefix(prefix)?.into_iter().collect();
+        for (k, v) in &self.pending {
+            if k.starts_with(prefix) {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+        Ok(out)
     }
 
     /// The latest value of `key`: a pending write, else the store's.
@@ -504,7 +523,24 @@ impl Timelines {
             };
             let id = self.inner.hlc.next(Some(target));
             let (entry_kind, event_kind) = change(&mut msg, id)?;
-            let writes = vec![(key(b'm', room, &[&target.to_bytes()]), msg.encode_to_vec())];
+            // The new entry has the greatest id this node knows (the clock observed every
+            // entry it indexed), so it applies last.
+            let mut current = rebuild_message(t, rd, room, target)?.unwrap_or(msg);
+            apply_amendment(&mut current, &entry_kind);
+            let amendment = TimelineEntry {
+                kind: Some(entry_kind.clone()),
+            }
+            .encode_to_vec();
+            let writes = vec![
+                (
+                    key(b'a', room, &[&target.to_bytes(), &id.to_bytes()]),
+                    amendment,
+                ),
+                (
+                    key(b'm', room, &[&target.to_bytes()]),
+                    current.encode_to_vec(),
+                ),
+            ];
             let entry = TimelineEntry {
                 kind: Some(entry_kind),
             };
@@ -766,7 +802,7 @@ impl Timelines {
         let slot = self.slot(room);
         let mut g = slot.lock().await;
         *g = None;
-        for tag in [b'h', b's', b'c', b'e', b'm', b'k'] {
+        for tag in [b'h', b's', b'c', b'e', b'm', b'k', b'a'] {
             let lo = key(tag, room, &[]);
             let mut hi = lo.clone();
             hi.push(0xff);
@@ -786,8 +822,36 @@ impl Timelines {
     }
 }
 
+/// Recomputes a message's current state (its history record) from the message's own
+/// entry and every amendment of it, in id order: edits and each (user, emoji) reaction
+/// are last-writer-wins by entry id, a delete is final. The result does not depend on
+/// the order entries arrived in. `None` while the message itself has not arrived.
+pub(super) fn rebuild_message(
+    tree: &Tree,
+    rd: &RoomDoc,
+    room: &RoomId,
+    target: MessageId,
+) -> Result<Option<Message>, TimelineError> {
+    let Some(base) = rd.read_through(tree, &key(b'e', room, &[&target.to_bytes()]))? else {
+        return Ok(None);
+    };
+    let entry = TimelineEntry::decode(base.as_slice())
+        .map_err(|e| tree.corrupt(format!("entry {target}: {e}")))?;
+    let Some(timeline_entry::Kind::Message(mut msg)) = entry.kind else {
+        return Ok(None);
+    };
+    for (_, v) in rd.scan_through(tree, &key(b'a', room, &[&target.to_bytes()]))? {
+        let e = TimelineEntry::decode(v.as_slice())
+            .map_err(|e| tree.corrupt(format!("amendment of {target}: {e}")))?;
+        if let Some(kind) = e.kind {
+            apply_amendment(&mut msg, &kind);
+        }
+    }
+    Ok(Some(msg))
+}
+
 /// Applies an edit, delete or reaction entry to the current state of its message (the
-/// history index). Edits: last writer wins by entry id, as entries apply in id order.
+/// history index); [`rebuild_message`] applies them in id order.
 pub(super) fn apply_amendment(msg: &mut Message, kind: &timeline_entry::Kind) {
     match kind {
         timeline_entry::Kind::Edit(e) => {
