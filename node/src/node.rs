@@ -717,7 +717,7 @@ impl ReplicationHandler for NodeReplication {
 
     async fn sync_room(&self, req: SyncRequest) -> Result<SyncReply, tonic::Status> {
         match self.ctx.timelines.handle_sync(&req).await {
-            Ok(message) => Ok(SyncReply { message }),
+            Ok(reply) => Ok(reply),
             Err(e) => Err(tonic::Status::unavailable(e.to_string())),
         }
     }

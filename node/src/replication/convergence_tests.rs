@@ -117,7 +117,7 @@ impl Network for MemNet {
     async fn sync(&self, node: u64, req: SyncRequest) -> Result<SyncReply, String> {
         let tl = self.target(node)?;
         let message = tl.handle_sync(&req).await.map_err(|e| e.to_string())?;
-        Ok(SyncReply { message })
+        Ok(message)
     }
 }
 
@@ -611,11 +611,9 @@ fn concurrent_reaction_add_and_remove_converge() {
 /// Writes on both sides of a partition where one side seals its open chunk: after the
 /// heal the other side's messages must still reach it.
 ///
-/// Fails today: n1 seals chunk 0 and opens chunk 1; n2 stays on chunk 0. `handle_sync`
-/// answers nothing when the open chunks differ and `apply_remote` refuses changes for a
-/// chunk it has sealed, so neither side's entries ever reach the other.
+/// Found by this suite (anti-entropy did not cover sealed chunks); passes since every
+/// chunk is synced.
 #[test]
-#[ignore = "known convergence bug: no anti-entropy across sealed chunks"]
 fn partitioned_writers_converge_across_a_sealed_chunk() {
     use Op::*;
     let ops = [
@@ -639,11 +637,9 @@ fn partitioned_writers_converge_across_a_sealed_chunk() {
 /// A replica cut off while the writer fills and seals a chunk (no other writer): after
 /// the heal it must catch up on the sealed chunk's messages.
 ///
-/// Fails today: n2 stays on chunk 0 (only a push moves a follower to the next chunk),
-/// the others are on chunk 1, and `handle_sync` answers nothing across different
-/// chunks: n2 never sees any of the four messages.
+/// Found by this suite (anti-entropy did not cover sealed chunks); passes since every
+/// chunk is synced.
 #[test]
-#[ignore = "known convergence bug: no anti-entropy across sealed chunks"]
 fn a_replica_that_missed_a_sealed_chunk_catches_up() {
     use Op::*;
     let ops = [
@@ -691,7 +687,6 @@ proptest! {
 
     /// The same with chunks of at most 4 entries, so writers seal chunks mid-run.
     #[test]
-    #[ignore = "known convergence bug: no anti-entropy across sealed chunks"]
     fn random_interleavings_with_small_chunks_converge(
         ops in proptest::collection::vec(op(), 1..40)
     ) {

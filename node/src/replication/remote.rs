@@ -17,9 +17,9 @@
 use std::sync::Arc;
 
 use automerge::sync::SyncDoc;
-use automerge::{ChangeHash, PatchAction, ReadDoc, ScalarValue, Value, ROOT};
+use automerge::{AutoCommit, ChangeHash, PatchAction, ScalarValue, Value, ROOT};
 use futures::stream::{FuturesUnordered, StreamExt};
-use parley_proto::v1::{timeline_entry, PushChangesRequest, SyncRequest, TimelineEntry};
+use parley_proto::v1::{timeline_entry, PushChangesRequest, SyncReply, SyncRequest, TimelineEntry};
 use prost::Message as _;
 use tokio::sync::mpsc;
 
@@ -36,6 +36,9 @@ pub(crate) struct PushItem {
     /// Resolves with the result of this node's flush of the change.
     flushed: Flushed,
 }
+
+/// One request's worth of pushes: chunk, its changes in order, and their writers.
+type PushRequest = (u32, Vec<Vec<u8>>, Vec<(Waiter, Flushed)>);
 
 /// The local flush of a pipeline round: `None` until it finished.
 pub(crate) type Flushed = tokio::sync::watch::Receiver<Option<Result<(), StoreError>>>;
@@ -98,7 +101,7 @@ async fn pusher(
             }
         }
         // Consecutive items of the same chunk travel in one request, in order.
-        let mut requests: Vec<(u32, Vec<Vec<u8>>, Vec<(Waiter, Flushed)>)> = Vec::new();
+        let mut requests: Vec<PushRequest> = Vec::new();
         for item in items {
             let waiters = item.waiters.into_iter().map(|w| (w, item.flushed.clone()));
             match requests.last_mut() {
@@ -209,6 +212,47 @@ async fn replicate(
     }
 }
 
+/// Timeline entries `doc` gained since `before`, in id order.
+fn collect_new(
+    room: &RoomId,
+    doc: &mut AutoCommit,
+    before: &[ChangeHash],
+) -> Vec<(MessageId, Vec<u8>, TimelineEntry)> {
+    let after = doc.get_heads();
+    if after.as_slice() == before {
+        return Vec::new();
+    }
+    let mut new = Vec::new();
+    for patch in doc.diff(before, &after) {
+        if patch.obj != ROOT {
+            continue;
+        }
+        let PatchAction::PutMap {
+            key: k,
+            value: (Value::Scalar(v), _),
+            ..
+        } = patch.action
+        else {
+            continue;
+        };
+        let ScalarValue::Bytes(bytes) = v.as_ref() else {
+            continue;
+        };
+        let Ok(id) = k.parse::<MessageId>() else {
+            tracing::warn!(room = %room, key = %k, "skipping a timeline key that is not a message id");
+            continue;
+        };
+        match TimelineEntry::decode(bytes.as_slice()) {
+            Ok(entry) => new.push((id, bytes.clone(), entry)),
+            Err(e) => {
+                tracing::warn!(room = %room, id = %id, error = %e, "skipping an entry that does not decode")
+            }
+        }
+    }
+    new.sort_by_key(|(id, _, _)| *id);
+    new
+}
+
 impl Timelines {
     /// Lets this node push to and sync with its peers; `me` is this node's id.
     pub fn set_network(&self, me: u64, net: Arc<dyn Network>) {
@@ -243,71 +287,68 @@ impl Timelines {
         let (rx, complete) = {
             let mut g = slot.lock().await;
             let rd = self.load_locked(room, &mut g)?;
-            if chunk < rd.chunk {
-                // A change for a chunk this replica has sealed already; anti-entropy of
-                // sealed chunks is not done yet, so say so rather than pretend.
-                return Ok(false);
-            }
-            while rd.chunk < chunk {
-                // The writer sealed: follow it.
-                super::timeline::seal(&self.inner.tree, room, rd)?;
-            }
-            let before = rd.doc.get_heads();
-            for c in changes {
-                rd.doc
-                    .load_incremental(c)
-                    .map_err(|e| TimelineError::Invalid {
-                        reason: format!("a pushed change does not decode: {e}"),
-                    })?;
-            }
-            let complete = rd.doc.get_missing_deps(&[]).is_empty();
-            self.index_new(room, rd, &before)?;
+            let complete = self.with_chunk(room, rd, chunk, |doc| {
+                for c in changes {
+                    doc.load_incremental(c)
+                        .map_err(|e| TimelineError::Invalid {
+                            reason: format!("a pushed change does not decode: {e}"),
+                        })?;
+                }
+                Ok(doc.get_missing_deps(&[]).is_empty())
+            })?;
             (self.wait_for_pending(room, rd, 1)?, complete)
         };
         Self::wait_durable(rx).await?;
         Ok(complete)
     }
 
-    /// Queues index entries and events for every timeline entry the document gained since
-    /// `before`, in id order.
-    fn index_new(
+    /// Runs `f` on the document of `chunk` and queues index entries and events for the
+    /// entries it gained. The open chunk is used in place; a later chunk first seals the
+    /// open one (the writer sealed: follow it); an earlier, sealed chunk is loaded from
+    /// disk and saved back with the same batch. Called with the room lock held.
+    fn with_chunk<R>(
         &self,
         room: &RoomId,
         rd: &mut RoomDoc,
-        before: &[ChangeHash],
+        chunk: u32,
+        f: impl FnOnce(&mut AutoCommit) -> Result<R, TimelineError>,
+    ) -> Result<R, TimelineError> {
+        let t = &self.inner.tree;
+        while rd.chunk < chunk {
+            super::timeline::seal(t, room, rd)?;
+        }
+        if chunk == rd.chunk {
+            let before = rd.doc.get_heads();
+            let r = f(&mut rd.doc)?;
+            let new = collect_new(room, &mut rd.doc, &before);
+            self.queue_new(room, rd, new, true)?;
+            return Ok(r);
+        }
+        let skey = key(b's', room, &[&chunk.to_be_bytes()]);
+        let mut doc = match rd.read_through(t, &skey)? {
+            Some(bytes) => AutoCommit::load(&bytes)
+                .map_err(|e| t.corrupt(format!("sealed chunk {chunk} of {room}: {e}")))?,
+            None => AutoCommit::new(),
+        };
+        doc.set_actor(automerge::ActorId::random());
+        let before = doc.get_heads();
+        let r = f(&mut doc)?;
+        let new = collect_new(room, &mut doc, &before);
+        if !new.is_empty() || doc.get_heads() != before {
+            rd.pending.push((skey, doc.save()));
+        }
+        self.queue_new(room, rd, new, false)?;
+        Ok(r)
+    }
+
+    /// Queues index entries and events for new timeline entries, in id order.
+    fn queue_new(
+        &self,
+        room: &RoomId,
+        rd: &mut RoomDoc,
+        new: Vec<(MessageId, Vec<u8>, TimelineEntry)>,
+        open_chunk: bool,
     ) -> Result<usize, TimelineError> {
-        let after = rd.doc.get_heads();
-        if after.as_slice() == before {
-            return Ok(0);
-        }
-        let mut new: Vec<(MessageId, Vec<u8>, TimelineEntry)> = Vec::new();
-        for patch in rd.doc.diff(before, &after) {
-            if patch.obj != ROOT {
-                continue;
-            }
-            let PatchAction::PutMap {
-                key: k,
-                value: (Value::Scalar(v), _),
-                ..
-            } = patch.action
-            else {
-                continue;
-            };
-            let ScalarValue::Bytes(bytes) = v.as_ref() else {
-                continue;
-            };
-            let Ok(id) = k.parse::<MessageId>() else {
-                tracing::warn!(room = %room, key = %k, "skipping a timeline key that is not a message id");
-                continue;
-            };
-            match TimelineEntry::decode(bytes.as_slice()) {
-                Ok(entry) => new.push((id, bytes.clone(), entry)),
-                Err(e) => {
-                    tracing::warn!(room = %room, id = %id, error = %e, "skipping an entry that does not decode")
-                }
-            }
-        }
-        new.sort_by_key(|(id, _, _)| *id);
         let t = &self.inner.tree;
         let n = new.len();
         for (id, bytes, entry) in new {
@@ -331,13 +372,10 @@ impl Timelines {
                 Some(kind) => {
                     if let Some(target) = amendment_target(kind) {
                         let ak = key(b'a', room, &[&target.to_bytes(), &id.to_bytes()]);
-                        rd.pending.push((
-                            ak,
-                            TimelineEntry {
-                                kind: Some(kind.clone()),
-                            }
-                            .encode_to_vec(),
-                        ));
+                        let amendment = TimelineEntry {
+                            kind: Some(kind.clone()),
+                        };
+                        rd.pending.push((ak, amendment.encode_to_vec()));
                         if let Some(msg) = rebuild_message(t, rd, room, target)? {
                             rd.pending.push((
                                 key(b'm', room, &[&target.to_bytes()]),
@@ -351,13 +389,16 @@ impl Timelines {
             if let Some(ev) = entry_event(room, entry) {
                 rd.pending_events.push((id, Arc::new(ev)));
             }
-            rd.entries += 1;
+            if open_chunk {
+                rd.entries += 1;
+            }
         }
         Ok(n)
     }
 
-    /// Answers one message of a peer's anti-entropy exchange for `room`.
-    pub async fn handle_sync(&self, req: &SyncRequest) -> Result<Vec<u8>, TimelineError> {
+    /// Answers one message of a peer's anti-entropy exchange for `room`'s chunk
+    /// `req.chunk`; the reply also names this node's open chunk.
+    pub async fn handle_sync(&self, req: &SyncRequest) -> Result<SyncReply, TimelineError> {
         let room = RoomId::parse(&req.room_id).map_err(|e| TimelineError::Invalid {
             reason: e.to_string(),
         })?;
@@ -365,45 +406,50 @@ impl Timelines {
         let (reply, rx) = {
             let mut g = slot.lock().await;
             let rd = self.load_locked(&room, &mut g)?;
-            if req.chunk != rd.chunk {
-                // Different open chunks: the writer's pushes move the one behind forward.
-                return Ok(Vec::new());
-            }
-            let mut states = self
-                .inner
+            let k = (req.from_node, room.clone(), req.chunk);
+            let mut state = {
+                let mut states = self
+                    .inner
+                    .sync_states
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if req.first {
+                    states.remove(&k);
+                }
+                states.remove(&k).unwrap_or_default()
+            };
+            let message = self.with_chunk(&room, rd, req.chunk, |doc| {
+                if !req.message.is_empty() {
+                    let msg = automerge::sync::Message::decode(&req.message).map_err(|e| {
+                        TimelineError::Invalid {
+                            reason: format!("bad sync message: {e}"),
+                        }
+                    })?;
+                    doc.sync()
+                        .receive_sync_message(&mut state, msg)
+                        .map_err(|e| TimelineError::Invalid {
+                            reason: format!("sync message refused: {e}"),
+                        })?;
+                }
+                Ok(doc
+                    .sync()
+                    .generate_sync_message(&mut state)
+                    .map(|m| m.encode())
+                    .unwrap_or_default())
+            })?;
+            self.inner
                 .sync_states
                 .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let k = (req.from_node, room.clone(), req.chunk);
-            if req.first {
-                states.insert(k.clone(), automerge::sync::State::new());
-            }
-            let state = states.entry(k).or_default();
-            let before = rd.doc.get_heads();
-            if !req.message.is_empty() {
-                let msg = automerge::sync::Message::decode(&req.message).map_err(|e| {
-                    TimelineError::Invalid {
-                        reason: format!("bad sync message: {e}"),
-                    }
-                })?;
-                rd.doc
-                    .sync()
-                    .receive_sync_message(state, msg)
-                    .map_err(|e| TimelineError::Invalid {
-                        reason: format!("sync message refused: {e}"),
-                    })?;
-            }
-            let reply = rd
-                .doc
-                .sync()
-                .generate_sync_message(state)
-                .map(|m| m.encode())
-                .unwrap_or_default();
-            drop(states);
-            let rx = if self.index_new(&room, rd, &before)? > 0 {
-                Some(self.wait_for_pending(&room, rd, 1)?)
-            } else {
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(k, state);
+            let reply = SyncReply {
+                message,
+                open_chunk: rd.chunk,
+            };
+            let rx = if rd.pending.is_empty() {
                 None
+            } else {
+                Some(self.wait_for_pending(&room, rd, 1)?)
             };
             (reply, rx)
         };
@@ -413,22 +459,77 @@ impl Timelines {
         Ok(reply)
     }
 
-    /// One anti-entropy exchange with `peer` over `room`'s open chunk. Returns how many
-    /// entries this side gained.
+    /// One anti-entropy exchange with `peer` over `room`: the open chunk, then every
+    /// other chunk up to the later of both sides' open chunks, except sealed chunks
+    /// already synced with this peer. Returns how many entries this side gained.
     pub async fn sync_with(&self, peer: u64, room: &RoomId) -> Result<usize, TimelineError> {
-        let Some((me, net)) = self.network() else {
+        let Some((_, _net)) = self.network() else {
             return Ok(0);
+        };
+        let open = {
+            let slot = self.slot(room);
+            let mut g = slot.lock().await;
+            self.load_locked(room, &mut g)?.chunk
+        };
+        let (mut gained, peer_open) = self.sync_chunk(peer, room, open).await?;
+        let last = open.max(peer_open);
+        for chunk in 0..=last {
+            if chunk == open {
+                continue;
+            }
+            let sealed_both = chunk < open.min(peer_open);
+            let key = (peer, room.clone(), chunk);
+            if sealed_both
+                && self
+                    .inner
+                    .synced_sealed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&key)
+            {
+                continue;
+            }
+            let (n, _) = self.sync_chunk(peer, room, chunk).await?;
+            gained += n;
+            if sealed_both {
+                self.inner
+                    .synced_sealed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key);
+            }
+        }
+        Ok(gained)
+    }
+
+    /// Rounds of the automerge sync protocol with `peer` over one chunk, until neither
+    /// side has anything to send. Returns the entries gained and the peer's open chunk.
+    async fn sync_chunk(
+        &self,
+        peer: u64,
+        room: &RoomId,
+        chunk: u32,
+    ) -> Result<(usize, u32), TimelineError> {
+        let Some((me, net)) = self.network() else {
+            return Ok((0, 0));
         };
         let slot = self.slot(room);
         let mut gained = 0;
+        let mut peer_open = 0;
         let mut state = automerge::sync::State::new();
         for round in 0..SYNC_ROUNDS {
-            let (chunk, msg) = {
+            let msg = {
                 let mut g = slot.lock().await;
                 let rd = self.load_locked(room, &mut g)?;
-                let chunk = rd.chunk;
-                let msg = rd.doc.sync().generate_sync_message(&mut state);
-                (chunk, msg.map(|m| m.encode()))
+                let before = rd.pending.len();
+                let m = self.with_chunk(room, rd, chunk, |doc| {
+                    Ok(doc
+                        .sync()
+                        .generate_sync_message(&mut state)
+                        .map(|m| m.encode()))
+                })?;
+                debug_assert_eq!(before, rd.pending.len());
+                m
             };
             let sent = msg.is_some();
             let req = SyncRequest {
@@ -441,6 +542,7 @@ impl Timelines {
             let reply = net.sync(peer, req).await.map_err(|e| {
                 TimelineError::Storage(StoreError::Io(format!("sync with node {peer}: {e}")))
             })?;
+            peer_open = reply.open_chunk;
             if reply.message.is_empty() {
                 if !sent {
                     break;
@@ -450,34 +552,31 @@ impl Timelines {
             let rx = {
                 let mut g = slot.lock().await;
                 let rd = self.load_locked(room, &mut g)?;
-                if rd.chunk != chunk {
-                    break;
-                }
                 let msg = automerge::sync::Message::decode(&reply.message).map_err(|e| {
                     TimelineError::Invalid {
                         reason: format!("bad sync reply: {e}"),
                     }
                 })?;
-                let before = rd.doc.get_heads();
-                rd.doc
-                    .sync()
-                    .receive_sync_message(&mut state, msg)
-                    .map_err(|e| TimelineError::Invalid {
-                        reason: format!("sync reply refused: {e}"),
-                    })?;
-                let n = self.index_new(room, rd, &before)?;
-                gained += n;
-                if n > 0 {
-                    Some(self.wait_for_pending(room, rd, 1)?)
-                } else {
+                let had = rd.pending_events.len();
+                self.with_chunk(room, rd, chunk, |doc| {
+                    doc.sync()
+                        .receive_sync_message(&mut state, msg)
+                        .map_err(|e| TimelineError::Invalid {
+                            reason: format!("sync reply refused: {e}"),
+                        })
+                })?;
+                gained += rd.pending_events.len().saturating_sub(had);
+                if rd.pending.is_empty() {
                     None
+                } else {
+                    Some(self.wait_for_pending(room, rd, 1)?)
                 }
             };
             if let Some(rx) = rx {
                 Self::wait_durable(rx).await?;
             }
         }
-        Ok(gained)
+        Ok((gained, peer_open))
     }
 
     /// Anti-entropy until `stop`: every `every`, each room this node replicates is synced

@@ -220,6 +220,8 @@ pub(super) struct Inner {
     pub(super) pushers: Mutex<HashMap<RoomId, mpsc::UnboundedSender<super::remote::PushItem>>>,
     /// automerge sync state per (peer, room, chunk).
     pub(super) sync_states: Mutex<HashMap<(u64, RoomId, u32), automerge::sync::State>>,
+    /// Sealed chunks (peer, room, chunk) already synced with a peer since start.
+    pub(super) synced_sealed: Mutex<std::collections::HashSet<(u64, RoomId, u32)>>,
 }
 
 /// The timelines of every room this node replicates. Cheap to clone.
@@ -264,6 +266,7 @@ impl Timelines {
             network: Mutex::new(None),
             pushers: Mutex::new(HashMap::new()),
             sync_states: Mutex::new(HashMap::new()),
+            synced_sealed: Mutex::new(std::collections::HashSet::new()),
         });
         tokio::spawn(commit_pipeline(Arc::downgrade(&inner), commit_rx));
         Ok(Self { inner })
