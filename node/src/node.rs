@@ -93,7 +93,7 @@ pub struct Bound {
 }
 
 /// How often each replica runs anti-entropy with its peers.
-const ANTI_ENTROPY_EVERY: Duration = Duration::from_secs(2);
+const ANTI_ENTROPY_EVERY: Duration = Duration::from_secs(10);
 
 /// How long `run` waits for in-flight requests when shutting down.
 const DRAIN: Duration = Duration::from_secs(5);
