@@ -2,6 +2,7 @@
 //!
 //! - [`up`]: start N `parley serve` processes forming one cluster, print their
 //!   addresses, stay in the foreground until Ctrl-C.
+//! - [`demo`]: a narrated end-to-end run on a fresh 3-node cluster, checked step by step.
 //! - [`ctl`]: `status`, `down`, `kill`, `start` on a running testnet from any shell.
 //! - [`cluster`]: the layout saved in `DIR/testnet.json` (fixed ports, flags, PIDs),
 //!   node processes by PID, ClusterStatus polling and readiness.
@@ -16,6 +17,7 @@
 mod bench;
 mod cluster;
 mod ctl;
+mod demo;
 mod duration;
 mod failover;
 mod nodes;
@@ -58,6 +60,10 @@ enum Command {
     RaftBench(raft_bench::RaftBenchArgs),
     /// Group-chat load benchmark against a fresh cluster or running nodes.
     Bench(Box<bench::BenchArgs>),
+    /// A narrated end-to-end run on a fresh 3-node cluster (temp dir, free ports):
+    /// three users on three nodes chat in one room, node 1 is killed with kill -9 and
+    /// restarted, every step is checked. Exit 0 only when every check passes.
+    Demo(demo::DemoArgs),
 }
 
 #[tokio::main]
@@ -72,6 +78,7 @@ async fn main() -> std::process::ExitCode {
         Command::Failover(args) => failover::run(args).await,
         Command::RaftBench(args) => raft_bench::run(args).await,
         Command::Bench(args) => bench::run(*args).await,
+        Command::Demo(args) => demo::run(args).await,
     };
     match result {
         Ok(code) => code,

@@ -1,9 +1,10 @@
 //! End-to-end tests of the `testnet` binary: the bench against an in-memory mock of
 //! the Chat API (here), and a real 3-node cluster through `up`/`status`/`kill`/
-//! `start`/`down` ([`cluster`]).
+//! `start`/`down` ([`cluster`]), and the narrated `testnet demo` ([`demo`]).
 #![allow(clippy::unwrap_used)]
 
 mod cluster;
+mod demo;
 mod mock;
 
 use std::path::Path;
