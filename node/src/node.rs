@@ -111,8 +111,17 @@ pub async fn run(
     let bound_file = config.data_dir.join("node.json");
     let _ = std::fs::remove_file(&bound_file);
     let node = node_id(&config)?;
+    // Two stores, each with its own group commit: Raft's log appends and votes must not
+    // wait behind the flush of message data (under sustained load that flush grows
+    // long enough to time out heartbeats and churn leaders).
     let db = Db::open(&config.data_dir.join("db"))
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+    let raft_db = Db::open(&config.data_dir.join("raft")).with_context(|| {
+        format!(
+            "cannot open the Raft store in {}",
+            config.data_dir.display()
+        )
+    })?;
     let hlc = Arc::new(Hlc::new(node.0 as u32, config.clock_offset_ms));
 
     let grpc_listener = tokio::net::TcpListener::bind(config.listen)
@@ -156,7 +165,7 @@ pub async fn run(
         }
         None => None,
     };
-    let plan = match ClusterPlan::load(&db)? {
+    let plan = match ClusterPlan::load(&raft_db)? {
         Some(_) => None,
         None => Some(genesis(&config, node, grpc_addr, discovery.as_ref()).await?),
     };
@@ -167,7 +176,7 @@ pub async fn run(
         leader_wait: Duration::ZERO,
         ..Tuning::default()
     };
-    let groups = Groups::open_cluster(&db, node, grpc_addr, plan, tuning, applied_tx)
+    let groups = Groups::open_cluster(&raft_db, node, grpc_addr, plan, tuning, applied_tx)
         .await
         .context("cannot start the Raft groups")?;
     let rf = groups
@@ -216,6 +225,7 @@ pub async fn run(
             groups: groups.clone(),
             placement: ctx.placement,
             me: node.0,
+            peers: crate::consensus::Peers::new(node.0),
         };
         ctx.timelines.set_network(node.0, Arc::new(net));
         let timelines = ctx.timelines.clone();
@@ -321,6 +331,7 @@ pub async fn run(
         d.shutdown().await;
     }
     db.flush().await?;
+    raft_db.flush().await?;
     Ok(())
 }
 
@@ -617,6 +628,9 @@ struct ClusterNet {
     groups: Groups,
     placement: Placement,
     me: u64,
+    /// Connections of their own: pushes wait for the receiver's flush, and must not take
+    /// the request slots of Raft's connection to the same peer.
+    peers: crate::consensus::Peers,
 }
 
 impl ClusterNet {
@@ -625,10 +639,7 @@ impl ClusterNet {
             .groups
             .addr_of(node)
             .ok_or_else(|| format!("no address for node {node}"))?;
-        self.groups
-            .peers()
-            .client(node, &addr)
-            .map_err(|e| e.to_string())
+        self.peers.client(node, &addr).map_err(|e| e.to_string())
     }
 }
 
@@ -657,10 +668,10 @@ impl Network for ClusterNet {
     }
 
     fn reachable_peers(&self, room: &RoomId) -> usize {
-        let peers = self.groups.peers();
+        let raft = self.groups.peers();
         self.peers_of(room)
             .into_iter()
-            .filter(|n| peers.recently_reachable(*n))
+            .filter(|n| raft.recently_reachable(*n) || self.peers.recently_reachable(*n))
             .count()
     }
 
@@ -670,7 +681,7 @@ impl Network for ClusterNet {
             .push_changes(req)
             .await
             .map_err(|s| s.message().to_string())?;
-        self.groups.peers().mark_ok(node);
+        self.peers.mark_ok(node);
         Ok(r.into_inner())
     }
 
@@ -680,7 +691,7 @@ impl Network for ClusterNet {
             .sync_room(req)
             .await
             .map_err(|s| s.message().to_string())?;
-        self.groups.peers().mark_ok(node);
+        self.peers.mark_ok(node);
         Ok(r.into_inner())
     }
 }

@@ -313,32 +313,34 @@ impl Timelines {
         chunk: u32,
         f: impl FnOnce(&mut AutoCommit) -> Result<R, TimelineError>,
     ) -> Result<R, TimelineError> {
-        let t = &self.inner.tree;
-        while rd.chunk < chunk {
-            super::timeline::seal(t, room, rd)?;
-        }
-        if chunk == rd.chunk {
-            let before = rd.doc.get_heads();
-            let r = f(&mut rd.doc)?;
-            let new = collect_new(room, &mut rd.doc, &before);
-            self.queue_new(room, rd, new, true)?;
-            return Ok(r);
-        }
-        let skey = key(b's', room, &[&chunk.to_be_bytes()]);
-        let mut doc = match rd.read_through(t, &skey)? {
-            Some(bytes) => AutoCommit::load(&bytes)
-                .map_err(|e| t.corrupt(format!("sealed chunk {chunk} of {room}: {e}")))?,
-            None => AutoCommit::new(),
-        };
-        doc.set_actor(automerge::ActorId::random());
-        let before = doc.get_heads();
-        let r = f(&mut doc)?;
-        let new = collect_new(room, &mut doc, &before);
-        if !new.is_empty() || doc.get_heads() != before {
-            rd.pending.push((skey, doc.save()));
-        }
-        self.queue_new(room, rd, new, false)?;
-        Ok(r)
+        super::timeline::blocking(|| {
+            let t = &self.inner.tree;
+            while rd.chunk < chunk {
+                super::timeline::seal(t, room, rd)?;
+            }
+            if chunk == rd.chunk {
+                let before = rd.doc.get_heads();
+                let r = f(&mut rd.doc)?;
+                let new = collect_new(room, &mut rd.doc, &before);
+                self.queue_new(room, rd, new, true)?;
+                return Ok(r);
+            }
+            let skey = key(b's', room, &[&chunk.to_be_bytes()]);
+            let mut doc = match rd.read_through(t, &skey)? {
+                Some(bytes) => AutoCommit::load(&bytes)
+                    .map_err(|e| t.corrupt(format!("sealed chunk {chunk} of {room}: {e}")))?,
+                None => AutoCommit::new(),
+            };
+            doc.set_actor(automerge::ActorId::random());
+            let before = doc.get_heads();
+            let r = f(&mut doc)?;
+            let new = collect_new(room, &mut doc, &before);
+            if !new.is_empty() || doc.get_heads() != before {
+                rd.pending.push((skey, doc.save()));
+            }
+            self.queue_new(room, rd, new, false)?;
+            Ok(r)
+        })
     }
 
     /// Queues index entries and events for new timeline entries, in id order.

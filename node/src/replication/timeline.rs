@@ -295,7 +295,7 @@ impl Timelines {
         g: &'a mut Option<RoomDoc>,
     ) -> Result<&'a mut RoomDoc, TimelineError> {
         if g.is_none() {
-            *g = Some(self.load(room)?);
+            *g = Some(blocking(|| self.load(room))?);
         }
         g.as_mut().ok_or(TimelineError::Storage(StoreError::Closed))
     }
@@ -952,7 +952,7 @@ async fn commit_pipeline(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedR
         for (room, slot) in rooms {
             let mut g = slot.lock().await;
             let Some(rd) = g.as_mut() else { continue };
-            match persist(&inner, &room, rd) {
+            match blocking(|| persist(&inner, &room, rd)) {
                 Ok(p) => done.push((room, p)),
                 Err(e) => {
                     tracing::error!(room = %room, error = %e, "timeline write failed; reloading the room");
@@ -1017,6 +1017,18 @@ async fn commit_pipeline(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedR
                 }
             }
         }
+    }
+}
+
+/// Runs heavy synchronous work (automerge loads, saves and diffs, sled batches) without
+/// stalling the runtime: on a multi-thread runtime the worker first hands its other
+/// tasks (Raft heartbeats among them) to another thread.
+pub(super) fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 
