@@ -23,7 +23,7 @@ use parley_proto::v1::{timeline_entry, PushChangesRequest, SyncReply, SyncReques
 use prost::Message as _;
 use tokio::sync::mpsc;
 
-use super::timeline::{entry_event, key, rebuild_message, Inner, RoomDoc, Waiter};
+use super::timeline::{client_key, entry_event, key, rebuild_message, Inner, RoomDoc, Waiter};
 use super::{Network, TimelineError, Timelines, QUORUM_TIMEOUT};
 use crate::ids::{MessageId, RoomId};
 use crate::store::StoreError;
@@ -161,7 +161,10 @@ async fn replicate(
             }
         }
         waiters = still;
-        if waiters.is_empty() {
+        // Done, or no acknowledgement can still come for those left (answered below).
+        if waiters.is_empty()
+            || (pending.is_empty() && waiters.iter().all(|(_, f)| f.borrow().is_some()))
+        {
             break;
         }
         let mut flush = waiters[0].1.clone();
@@ -175,28 +178,6 @@ async fn replicate(
             },
             _ = flush.changed() => {}
             _ = tokio::time::sleep_until(deadline) => break,
-        }
-        if pending.is_empty() && waiters.iter().all(|(_, f)| f.borrow().is_some()) {
-            // No more acknowledgements can come; answer what can be answered, then stop.
-            let mut rest = Vec::new();
-            for (w, f) in waiters {
-                match f.borrow().clone() {
-                    Some(Ok(())) if w.quorum <= acks.saturating_add(1) => {
-                        let _ = w.done.send(Ok(()));
-                    }
-                    Some(Err(e)) => {
-                        let _ = w.done.send(Err(e.into()));
-                    }
-                    _ => rest.push(w),
-                }
-            }
-            for w in rest {
-                let _ = w.done.send(Err(TimelineError::Quorum {
-                    need: w.quorum,
-                    have: acks.saturating_add(1),
-                }));
-            }
-            waiters = Vec::new();
         }
     }
     for (w, f) in waiters {
@@ -359,11 +340,8 @@ impl Timelines {
             match &entry.kind {
                 Some(timeline_entry::Kind::Message(m)) => {
                     if !m.client_msg_id.is_empty() {
-                        let mut rest = m.sender.as_bytes().to_vec();
-                        rest.push(0);
-                        rest.extend_from_slice(m.client_msg_id.as_bytes());
-                        rd.pending
-                            .push((key(b'k', room, &[&rest]), id.to_bytes().to_vec()));
+                        let k = client_key(room, &m.sender, &m.client_msg_id);
+                        rd.pending.push((k, id.to_bytes().to_vec()));
                     }
                     // Amendments that arrived before the message apply now.
                     if let Some(msg) = rebuild_message(t, rd, room, id)? {

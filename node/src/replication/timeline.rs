@@ -245,6 +245,14 @@ pub(super) fn key(tag: u8, room: &RoomId, rest: &[&[u8]]) -> Vec<u8> {
     k
 }
 
+/// The `k` key of a sender's idempotency key in a room.
+pub(super) fn client_key(room: &RoomId, sender: &str, client_msg_id: &str) -> Vec<u8> {
+    let mut rest = sender.as_bytes().to_vec();
+    rest.push(0);
+    rest.extend_from_slice(client_msg_id.as_bytes());
+    key(b'k', room, &[&rest])
+}
+
 fn id_from_key(k: &[u8]) -> Option<MessageId> {
     k.len()
         .checked_sub(16)
@@ -341,11 +349,7 @@ impl Timelines {
             .last_with_prefix(key(b'e', room, &[]))?
             .and_then(|(k, _)| id_from_key(&k))
             .unwrap_or(MessageId::MIN);
-        if let Some((k, _)) = t.last_with_prefix(key(b'e', room, &[]))? {
-            if let Some(id) = id_from_key(&k) {
-                self.inner.hlc.observe(id);
-            }
-        }
+        self.inner.hlc.observe(durable);
         self.inner.hub.register(room, durable);
         Ok(RoomDoc::new(
             chunk,
@@ -418,12 +422,8 @@ impl Timelines {
         let rx = {
             let mut g = slot.lock().await;
             let rd = self.load_locked(&m.room, &mut g)?;
-            let k_key = (!m.client_msg_id.is_empty()).then(|| {
-                let mut rest = m.sender.as_str().as_bytes().to_vec();
-                rest.push(0);
-                rest.extend_from_slice(m.client_msg_id.as_bytes());
-                key(b'k', &m.room, &[&rest])
-            });
+            let k_key = (!m.client_msg_id.is_empty())
+                .then(|| client_key(&m.room, m.sender.as_str(), &m.client_msg_id));
             if let Some(kk) = &k_key {
                 if let Some(v) = rd.read_through(&self.inner.tree, kk)? {
                     let id = MessageId::from_bytes(&v)
@@ -505,17 +505,14 @@ impl Timelines {
         room: &RoomId,
         target: MessageId,
         quorum: u8,
-        change: impl FnOnce(
-            &mut Message,
-            MessageId,
-        ) -> Result<(timeline_entry::Kind, event::Kind), TimelineError>,
+        check: impl FnOnce(&Message, MessageId) -> Result<timeline_entry::Kind, TimelineError>,
     ) -> Result<Appended, TimelineError> {
         let slot = self.slot(room);
         let (rx, id) = {
             let mut g = slot.lock().await;
             let rd = self.load_locked(room, &mut g)?;
             let t = &self.inner.tree;
-            let mut msg = match rd.read_through(t, &key(b'm', room, &[&target.to_bytes()]))? {
+            let msg = match rd.read_through(t, &key(b'm', room, &[&target.to_bytes()]))? {
                 Some(v) => Message::decode(v.as_slice())
                     .map_err(|e| t.corrupt(format!("message {target}: {e}")))?,
                 None => {
@@ -525,15 +522,16 @@ impl Timelines {
                 }
             };
             let id = self.inner.hlc.next(Some(target));
-            let (entry_kind, event_kind) = change(&mut msg, id)?;
+            let entry = TimelineEntry {
+                kind: Some(check(&msg, id)?),
+            };
+            let amendment = entry.encode_to_vec();
             // The new entry has the greatest id this node knows (the clock observed every
             // entry it indexed), so it applies last.
             let mut current = rebuild_message(t, rd, room, target)?.unwrap_or(msg);
-            apply_amendment(&mut current, &entry_kind);
-            let amendment = TimelineEntry {
-                kind: Some(entry_kind.clone()),
+            if let Some(kind) = &entry.kind {
+                apply_amendment(&mut current, kind);
             }
-            .encode_to_vec();
             let writes = vec![
                 (
                     key(b'a', room, &[&target.to_bytes(), &id.to_bytes()]),
@@ -544,13 +542,9 @@ impl Timelines {
                     current.encode_to_vec(),
                 ),
             ];
-            let entry = TimelineEntry {
-                kind: Some(entry_kind),
-            };
-            let event = Event {
-                cursor: String::new(),
-                kind: Some(event_kind),
-            };
+            let event = entry_event(room, entry.clone()).ok_or_else(|| TimelineError::Invalid {
+                reason: "an amendment without content".into(),
+            })?;
             (
                 self.commit_entry(room, rd, id, &entry, writes, event, quorum)?,
                 id,
@@ -584,23 +578,12 @@ impl Timelines {
                     reason: format!("message {target} is deleted"),
                 });
             }
-            let at = id.physical_ms() as i64;
-            msg.text = text.clone();
-            msg.edited_at = at;
-            let entry = EditEntry {
+            Ok(timeline_entry::Kind::Edit(EditEntry {
                 target: target.to_string(),
-                text: text.clone(),
-                editor: editor.to_string(),
-                at,
-            };
-            let ev = MessageEdited {
-                room_id: room.to_string(),
-                message_id: target.to_string(),
                 text,
-                edited_at: at,
                 editor: editor.to_string(),
-            };
-            Ok((timeline_entry::Kind::Edit(entry), event::Kind::Edited(ev)))
+                at: id.physical_ms() as i64,
+            }))
         })
         .await
     }
@@ -626,23 +609,11 @@ impl Timelines {
                     reason: format!("message {target} is already deleted"),
                 });
             }
-            msg.deleted = true;
-            msg.text.clear();
-            msg.reactions.clear();
-            let entry = DeleteEntry {
+            Ok(timeline_entry::Kind::Delete(DeleteEntry {
                 target: target.to_string(),
                 by: by.to_string(),
                 at: id.physical_ms() as i64,
-            };
-            let ev = MessageDeleted {
-                room_id: room.to_string(),
-                message_id: target.to_string(),
-                deleted_by: by.to_string(),
-            };
-            Ok((
-                timeline_entry::Kind::Delete(entry),
-                event::Kind::Deleted(ev),
-            ))
+            }))
         })
         .await
     }
@@ -663,43 +634,13 @@ impl Timelines {
                     reason: format!("message {target} is deleted"),
                 });
             }
-            let pos = msg.reactions.iter().position(|r| r.emoji == emoji);
-            match (pos, remove) {
-                (Some(i), true) => {
-                    msg.reactions[i].users.retain(|u| u != user.as_str());
-                    if msg.reactions[i].users.is_empty() {
-                        msg.reactions.remove(i);
-                    }
-                }
-                (None, true) => {}
-                (Some(i), false) => {
-                    if !msg.reactions[i].users.iter().any(|u| u == user.as_str()) {
-                        msg.reactions[i].users.push(user.to_string());
-                    }
-                }
-                (None, false) => msg.reactions.push(Reaction {
-                    emoji: emoji.clone(),
-                    users: vec![user.to_string()],
-                }),
-            }
-            let entry = ReactionEntry {
+            Ok(timeline_entry::Kind::Reaction(ReactionEntry {
                 target: target.to_string(),
                 user: user.to_string(),
-                emoji: emoji.clone(),
+                emoji,
                 remove,
                 at: id.physical_ms() as i64,
-            };
-            let ev = ReactionChanged {
-                room_id: room.to_string(),
-                message_id: target.to_string(),
-                user: user.to_string(),
-                emoji,
-                removed: remove,
-            };
-            Ok((
-                timeline_entry::Kind::Reaction(entry),
-                event::Kind::Reaction(ev),
-            ))
+            }))
         })
         .await
     }
