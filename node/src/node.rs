@@ -414,22 +414,14 @@ async fn genesis(
 
 /// The plan of the cluster a node at `addr` belongs to, if it is in ours and has one.
 async fn fetch_plan(cluster: &str, addr: SocketAddr) -> Option<ClusterPlan> {
-    use parley_proto::v1::cluster_client::ClusterClient;
-    use parley_proto::v1::HelloRequest;
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .ok()?
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(1));
-    let mut client = ClusterClient::new(endpoint.connect().await.ok()?);
-    let reply = client
-        .hello(HelloRequest {
-            cluster: cluster.to_string(),
-            node_id: 0,
-        })
-        .await
-        .ok()?
-        .into_inner();
-    if reply.cluster != cluster || reply.plan.is_empty() {
+    let reply = crate::consensus::network::hello(
+        &addr.to_string(),
+        cluster,
+        Duration::from_millis(500),
+        Duration::from_secs(1),
+    )
+    .await?;
+    if reply.plan.is_empty() {
         return None;
     }
     crate::consensus::codec::decode(&reply.plan).ok()
@@ -590,10 +582,7 @@ fn publish_membership(
         user: user.to_string(),
         change: change as i32,
         by: by.to_string(),
-        role: match role {
-            Role::Admin => pb::Role::Admin as i32,
-            Role::Member => pb::Role::Member as i32,
-        },
+        role: api::role_pb(role) as i32,
     };
     ctx.hub.publish_live(
         room,

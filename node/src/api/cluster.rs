@@ -3,27 +3,16 @@
 use std::time::Duration;
 
 use parley_proto::v1 as pb;
-use parley_proto::v1::cluster_client::ClusterClient;
 
 use super::{ApiResult, Ctx};
 use crate::consensus::cluster::META;
 
 /// Whether a node answers a Hello within a short time.
 async fn alive(cluster: &str, addr: &str) -> bool {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
-        return false;
-    };
-    let endpoint = endpoint
-        .connect_timeout(Duration::from_millis(300))
-        .timeout(Duration::from_millis(500));
-    let Ok(channel) = endpoint.connect().await else {
-        return false;
-    };
-    let req = pb::HelloRequest {
-        cluster: cluster.to_string(),
-        node_id: 0,
-    };
-    matches!(ClusterClient::new(channel).hello(req).await, Ok(r) if r.get_ref().cluster == cluster)
+    let (connect, total) = (Duration::from_millis(300), Duration::from_millis(500));
+    crate::consensus::network::hello(addr, cluster, connect, total)
+        .await
+        .is_some()
 }
 
 /// `ClusterStatus`: nodes (from the plan and the meta group's registry) with liveness,

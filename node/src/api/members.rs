@@ -69,7 +69,7 @@ pub(super) async fn list(
                 ms.iter()
                     .map(|(u, m)| pb::Member {
                         user: u.to_string(),
-                        role: role_pb(m.role) as i32,
+                        role: super::role_pb(m.role) as i32,
                         joined_at: m.joined_at as i64,
                         muted: m.muted,
                     })
@@ -93,13 +93,6 @@ pub(super) async fn list(
         ctx.require_member(&room, user).await?;
     }
     Ok(pb::ListMembersResponse { members, banned })
-}
-
-pub(super) fn role_pb(r: Role) -> pb::Role {
-    match r {
-        Role::Admin => pb::Role::Admin,
-        Role::Member => pb::Role::Member,
-    }
 }
 
 /// `Moderate`: invite (any member), kick, ban, unban, set role (admins).

@@ -227,6 +227,14 @@ impl Ctx {
     }
 }
 
+/// A role as the wire names it.
+pub fn role_pb(r: crate::consensus::state::Role) -> pb::Role {
+    match r {
+        crate::consensus::state::Role::Admin => pb::Role::Admin,
+        crate::consensus::state::Role::Member => pb::Role::Member,
+    }
+}
+
 /// Checks message text: valid UTF-8, not blank, at most [`MAX_TEXT_BYTES`].
 pub fn validate_text(text: Vec<u8>) -> ApiResult<String> {
     if text.len() > MAX_TEXT_BYTES {

@@ -333,6 +333,29 @@ impl Cluster for ClusterRaftService {
     }
 }
 
+/// Asks the node at `addr` who it is over a one-off connection (not the shared peer
+/// channels: the caller may not know the node yet). `None` if it does not answer within
+/// the timeouts or belongs to another cluster.
+pub async fn hello(
+    addr: &str,
+    cluster: &str,
+    connect_timeout: Duration,
+    timeout: Duration,
+) -> Option<HelloReply> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(connect_timeout)
+        .timeout(timeout);
+    let mut client =
+        parley_proto::v1::cluster_client::ClusterClient::new(endpoint.connect().await.ok()?);
+    let req = HelloRequest {
+        cluster: cluster.to_string(),
+        node_id: 0,
+    };
+    let reply = client.hello(req).await.ok()?.into_inner();
+    (reply.cluster == cluster).then_some(reply)
+}
+
 /// A forwarded request's time budget; 0 (an old or careless sender) means the default.
 fn budget(ms: u64) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(ms))
