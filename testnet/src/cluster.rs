@@ -240,6 +240,18 @@ impl Layout {
 }
 
 /// Binds 127.0.0.1:`port` to see whether it is free.
+/// `--target` addresses (`IP:PORT`, an `http://` prefix allowed).
+pub fn parse_targets(targets: &[String]) -> Result<Vec<SocketAddr>> {
+    targets
+        .iter()
+        .map(|t| {
+            let t = t.trim().trim_start_matches("http://");
+            t.parse::<SocketAddr>()
+                .with_context(|| format!("--target {t}: expected IP:PORT"))
+        })
+        .collect()
+}
+
 pub fn port_free(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
 }

@@ -96,14 +96,7 @@ pub async fn run(args: RaftBenchArgs) -> Result<ExitCode> {
         tmp = Some(dir);
         addrs
     } else {
-        args.target
-            .iter()
-            .map(|t| {
-                let t = t.trim().trim_start_matches("http://");
-                t.parse::<SocketAddr>()
-                    .with_context(|| format!("--target {t}: expected IP:PORT"))
-            })
-            .collect::<Result<_>>()?
+        cluster::parse_targets(&args.target)?
     };
     let pids: Vec<(u64, u32)> = running
         .as_ref()

@@ -199,14 +199,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         started = Some(run);
         addrs
     } else {
-        args.target
-            .iter()
-            .map(|t| {
-                let t = t.trim().trim_start_matches("http://");
-                t.parse::<SocketAddr>()
-                    .with_context(|| format!("--target {t}: expected IP:PORT"))
-            })
-            .collect::<Result<_>>()?
+        cluster::parse_targets(&args.target)?
     };
     let mut watched: Vec<(String, u32)> = started
         .iter()
