@@ -1,0 +1,1 @@
+//! Checkers over a recorded history. Each returns a [`Verdict`].
