@@ -1,14 +1,28 @@
 //! `Subscribe`: a server stream of a caller's rooms' events.
 //!
 //! Per room the stream first replays, from the index, every durable timeline entry after
-//! the cursor up to the watermark it got together with its live receiver, then forwards
-//! live events, skipping any id it already sent. A subscriber that lags behind the
-//! channel catches up from the index the same way. So each durable entry is sent once,
-//! in id order per room, and a cursor taken here resumes with no gap.
+//! the cursor (see below for the window before it) up to the watermark it got together with its
+//! live receiver, then forwards live events, skipping any id it already sent on this
+//! stream. A subscriber that lags behind the channel catches up from the index the same
+//! way.
+//!
+//! Entries can reach a replica late and out of id order: written on the other side of a
+//! partition, they arrive by anti-entropy after newer ones were already delivered. A
+//! live stream forwards such a late entry when it arrives (once: the stream remembers
+//! the ids it sent). A cursor names the newest id its stream sent, and the node a client
+//! resumes on may hold entries older than that which the old node did not have. So a
+//! cursor also carries a digest of the ids its stream sent in the window
+//! ([`RESUME_WINDOW_MS`]) before its position: a node holding exactly those entries
+//! there resumes exactly after the position (no gap, no duplicate); one holding others
+//! replays the whole window as well, and the client drops the ids it already showed
+//! (DESIGN §3: at least once, shown once). Within one stream every entry is sent once.
+//! An entry arriving more than the window behind a cursor is not replayed on resume
+//! (history still has it).
 //! A user removed from a room (left, kicked, banned) gets that event, then nothing more
 //! from the room.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound::{Excluded, Included};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -19,11 +33,93 @@ use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
 use tokio_stream::StreamMap;
 
 use super::{ApiError, ApiResult, Ctx, EventStream, Metrics};
-use crate::delivery::{Cursor, HubEvent};
+use crate::delivery::{window_floor, Cursor, HubEvent, Position, WindowDigest, RESUME_WINDOW_MS};
 use crate::ids::{MessageId, RoomId, UserId};
 
 /// Entries read from the index per replay page.
 const REPLAY_PAGE: usize = 512;
+/// Ids a stream remembers per room to send each entry once. Beyond this the oldest
+/// are forgotten; if one of them is still inside the resume window the stream stops
+/// putting a window digest in its cursors (a resume then replays the window).
+const SENT_MEMORY: usize = 100_000;
+
+/// How long a resume waits for this node to hold the client's window: steps × step.
+const RESUME_WAIT_STEPS: u32 = 20;
+const RESUME_WAIT_STEP: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// A stream's state in one room.
+#[derive(Default)]
+struct RoomPos {
+    /// The newest id sent (or the cursor's): what the next cursor names.
+    last: MessageId,
+    /// Ids sent on this stream (and, after an exact resume, the window's ids the
+    /// client already had), so late and replayed entries go out once.
+    sent: BTreeSet<MessageId>,
+    /// Digest of `sent` ∩ `(window_floor(last), last]`; `None` once untrackable.
+    window: Option<WindowDigest>,
+}
+
+impl RoomPos {
+    fn position(&self) -> Position {
+        Position {
+            id: self.last,
+            window: self.window,
+        }
+    }
+
+    /// Records `id` as sent; false if it was sent already.
+    fn record(&mut self, id: MessageId) -> bool {
+        if !self.sent.insert(id) {
+            return false;
+        }
+        if id > self.last {
+            // The window slides: ids now at or below the new floor leave the digest.
+            let (old_floor, new_floor) = (window_floor(self.last), window_floor(id));
+            if let Some(w) = self.window.as_mut() {
+                for gone in self.sent.range((Excluded(old_floor), Included(new_floor))) {
+                    if *gone <= self.last {
+                        w.remove(*gone);
+                    }
+                }
+            }
+            self.last = id;
+        }
+        if id > window_floor(self.last) {
+            if let Some(w) = self.window.as_mut() {
+                w.add(id);
+            }
+        }
+        if self.sent.len() > SENT_MEMORY {
+            if let Some(first) = self.sent.pop_first() {
+                if first > window_floor(self.last) {
+                    self.window = None;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// This node's entries of `room` in `(after, upto]` (bounded pages).
+fn ids_between(
+    ctx: &Ctx,
+    room: &RoomId,
+    after: MessageId,
+    upto: MessageId,
+) -> Result<Vec<MessageId>, ApiError> {
+    let mut out = Vec::new();
+    let mut from = after;
+    for _ in 0..10_000 {
+        let page = ctx.timelines.replay(room, from, upto, REPLAY_PAGE)?;
+        let n = page.len();
+        out.extend(page.iter().map(|(id, _)| *id));
+        match page.last() {
+            Some((id, _)) if n == REPLAY_PAGE => from = *id,
+            _ => break,
+        }
+    }
+    Ok(out)
+}
 
 pub(super) async fn subscribe(
     ctx: Arc<Ctx>,
@@ -53,33 +149,100 @@ pub(super) async fn subscribe(
         ));
     }
     let mut streams = StreamMap::new();
-    let mut last: BTreeMap<RoomId, MessageId> = BTreeMap::new();
+    let mut pos: BTreeMap<RoomId, RoomPos> = BTreeMap::new();
     let mut start: Vec<(RoomId, MessageId, MessageId)> = Vec::new();
+    // One wait budget for the whole stream, however many rooms it resumes.
+    let wait_deadline = tokio::time::Instant::now() + RESUME_WAIT_STEP * RESUME_WAIT_STEPS;
     for room in &rooms {
         ctx.require_member(room, &user).await?;
         ctx.timelines.ensure_loaded(&room.id).await?;
+        // Resuming: give this node a moment (bounded) to hold what the client was sent
+        // in the window; a node a few pushes behind then still resumes exactly.
+        let mut exact_ids: Option<Vec<MessageId>> = None;
+        if let Some(c) = cursor.as_ref().and_then(|c| c.0.get(&room.id)) {
+            if c.window.is_some()
+                && c.id.physical_ms() <= ctx.hlc.wall_ms().saturating_add(RESUME_WINDOW_MS)
+            {
+                for attempt in 0..RESUME_WAIT_STEPS {
+                    let wm = ctx.hub.watermark(&room.id).unwrap_or(MessageId::MIN);
+                    if c.id <= wm {
+                        let here = ids_between(&ctx, &room.id, window_floor(c.id), c.id)?;
+                        let mut digest = WindowDigest::default();
+                        for id in &here {
+                            digest.add(*id);
+                        }
+                        if c.window == Some(digest) {
+                            exact_ids = Some(here);
+                            break;
+                        }
+                    }
+                    if attempt + 1 < RESUME_WAIT_STEPS
+                        && tokio::time::Instant::now() + RESUME_WAIT_STEP <= wait_deadline
+                    {
+                        tokio::time::sleep(RESUME_WAIT_STEP).await;
+                    } else {
+                        break;
+                    }
+                }
+            }
+        }
         let (rx, watermark) = ctx
             .hub
             .subscribe(&room.id)
             .ok_or_else(|| ApiError::Unavailable(format!("room {} is not loaded", room.name)))?;
-        let from = match cursor.as_ref().and_then(|c| c.0.get(&room.id)) {
-            Some(&id) if id > watermark => {
+        let p = match cursor.as_ref().and_then(|c| c.0.get(&room.id)) {
+            Some(c) if c.id.physical_ms() > ctx.hlc.wall_ms().saturating_add(RESUME_WINDOW_MS) => {
                 return Err(ApiError::NotFound(format!(
-                    "unknown cursor: it is ahead of every entry of {} on this node",
+                    "unknown cursor: it is more than {} s ahead of this node's clock in room {}",
+                    RESUME_WINDOW_MS / 1000,
                     room.name
                 )))
             }
-            Some(&id) => {
-                start.push((room.id.clone(), id, watermark));
-                id
+            Some(c) => {
+                // Exact resume when this node holds the same entries in the window as
+                // the client was sent; else replay the window too. A cursor ahead of
+                // this node's watermark (taken on a node further along) replays the
+                // window and then goes live.
+                let mut p = RoomPos {
+                    last: c.id,
+                    sent: BTreeSet::new(),
+                    window: Some(WindowDigest::default()),
+                };
+                match exact_ids.take() {
+                    Some(here) => {
+                        p.window = c.window;
+                        p.sent.extend(here);
+                        start.push((room.id.clone(), c.id, watermark));
+                    }
+                    None => start.push((room.id.clone(), window_floor(c.id), watermark)),
+                }
+                p
             }
-            None => watermark,
+            None => {
+                // A new stream starts at the watermark: the client is deemed to have
+                // what came before, so the window digest starts from this node's
+                // entries there.
+                let here = if watermark > MessageId::MIN {
+                    ids_between(&ctx, &room.id, window_floor(watermark), watermark)?
+                } else {
+                    Vec::new()
+                };
+                let mut digest = WindowDigest::default();
+                for id in &here {
+                    digest.add(*id);
+                }
+                RoomPos {
+                    last: watermark,
+                    sent: here.into_iter().collect(),
+                    window: Some(digest),
+                }
+            }
         };
-        last.insert(room.id.clone(), from);
+        pos.insert(room.id.clone(), p);
         streams.insert(room.id.clone(), BroadcastStream::new(rx));
     }
     if let Some(c) = &cursor {
-        if let Some(stray) = c.0.keys().find(|r| !last.contains_key(*r)) {
+        if let Some(stray) = c.0.keys().find(|r| !pos.contains_key(*r)) {
             return Err(ApiError::Invalid(format!(
                 "the cursor names room {stray}, which this subscription does not"
             )));
@@ -87,7 +250,7 @@ pub(super) async fn subscribe(
     }
     Metrics::inc(&ctx.metrics.subscriptions_opened);
     let (tx, rx) = mpsc::channel(1024);
-    tokio::spawn(pump(ctx, user, streams, last, start, tx));
+    tokio::spawn(pump(ctx, user, streams, pos, start, tx));
     Ok(Box::pin(ReceiverStream::new(rx)))
 }
 
@@ -96,27 +259,32 @@ type Tx = mpsc::Sender<Result<pb::Event, tonic::Status>>;
 struct Sub {
     ctx: Arc<Ctx>,
     user: UserId,
-    last: BTreeMap<RoomId, MessageId>,
+    pos: BTreeMap<RoomId, RoomPos>,
     tx: Tx,
 }
 
 impl Sub {
-    /// Sends one timeline event with the cursor after it. False once the client is gone.
+    /// Sends one timeline event (unless this stream sent it already) with the cursor
+    /// after it. False once the client is gone.
     async fn timeline(&mut self, room: &RoomId, id: MessageId, ev: &pb::Event) -> bool {
-        let cur = self.last.get(room).copied().unwrap_or(MessageId::MIN);
-        if id <= cur {
+        if !self.pos.entry(room.clone()).or_default().record(id) {
             return true;
         }
-        self.last.insert(room.clone(), id);
+        let cursor = Cursor(
+            self.pos
+                .iter()
+                .map(|(r, p)| (r.clone(), p.position()))
+                .collect(),
+        );
         let mut ev = ev.clone();
-        ev.cursor = Cursor(self.last.clone()).encode();
+        ev.cursor = cursor.encode();
         self.tx.send(Ok(ev)).await.is_ok()
     }
 
-    /// Replays durable entries after our position up to `upto`. False once the client is gone.
-    async fn catch_up(&mut self, room: &RoomId, upto: MessageId) -> bool {
+    /// Replays durable entries after `from` up to `upto`. False once the client is gone.
+    async fn catch_up(&mut self, room: &RoomId, from: MessageId, upto: MessageId) -> bool {
+        let mut from = from;
         for _ in 0..1_000_000 {
-            let from = self.last.get(room).copied().unwrap_or(MessageId::MIN);
             let page = match self.ctx.timelines.replay(room, from, upto, REPLAY_PAGE) {
                 Ok(p) => p,
                 Err(e) => {
@@ -126,6 +294,9 @@ impl Sub {
                 }
             };
             let n = page.len();
+            if let Some((id, _)) = page.last() {
+                from = *id;
+            }
             for (id, ev) in page {
                 if !self.timeline(room, id, &ev).await {
                     return false;
@@ -159,18 +330,13 @@ async fn pump(
     ctx: Arc<Ctx>,
     user: UserId,
     mut streams: StreamMap<RoomId, BroadcastStream<HubEvent>>,
-    last: BTreeMap<RoomId, MessageId>,
+    pos: BTreeMap<RoomId, RoomPos>,
     start: Vec<(RoomId, MessageId, MessageId)>,
     tx: Tx,
 ) {
-    let mut sub = Sub {
-        ctx,
-        user,
-        last,
-        tx,
-    };
-    for (room, _from, watermark) in start {
-        if !sub.catch_up(&room, watermark).await {
+    let mut sub = Sub { ctx, user, pos, tx };
+    for (room, from, watermark) in start {
+        if !sub.catch_up(&room, from, watermark).await {
             return;
         }
     }
@@ -191,8 +357,10 @@ async fn pump(
                 ok
             }
             Err(BroadcastStreamRecvError::Lagged(_)) => {
+                // The dropped events may include late entries behind our position.
                 let upto = sub.ctx.hub.watermark(&room).unwrap_or(MessageId::MIN);
-                sub.catch_up(&room, upto).await
+                let at = sub.pos.get(&room).map(|p| p.last).unwrap_or(MessageId::MIN);
+                sub.catch_up(&room, window_floor(at), upto).await
             }
         };
         if !ok {

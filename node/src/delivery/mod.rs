@@ -115,10 +115,66 @@ impl Hub {
     }
 }
 
-/// A resume cursor: the last timeline entry id a subscriber saw in each room.
-/// Text form: `v1:` then `room=32hex` pairs joined by `,` (empty map: `v1:`).
+/// How far before a cursor's position a resume looks (by the ids' HLC time) for
+/// entries that reached a node late and sort before the position.
+pub const RESUME_WINDOW_MS: u64 = 60_000;
+
+/// The exclusive lower end of the resume window before `at`.
+pub fn window_floor(at: MessageId) -> MessageId {
+    MessageId::floor_of_ms(at.physical_ms().saturating_sub(RESUME_WINDOW_MS))
+}
+
+/// An order-independent digest of a set of entry ids: how many, and the XOR of a
+/// 64-bit mix of each. Two nodes holding the same entries in a window agree on it;
+/// adding and removing an id are the same operation on `hash`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WindowDigest {
+    pub count: u32,
+    pub hash: u64,
+}
+
+fn mix(id: MessageId) -> u64 {
+    let b = id.to_bytes();
+    let mut hi = [0u8; 8];
+    let mut lo = [0u8; 8];
+    hi.copy_from_slice(&b[..8]);
+    lo.copy_from_slice(&b[8..]);
+    // splitmix64 finaliser over both halves.
+    let mut z =
+        u64::from_be_bytes(hi) ^ u64::from_be_bytes(lo).rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl WindowDigest {
+    pub fn add(&mut self, id: MessageId) {
+        self.count = self.count.wrapping_add(1);
+        self.hash ^= mix(id);
+    }
+
+    pub fn remove(&mut self, id: MessageId) {
+        self.count = self.count.wrapping_sub(1);
+        self.hash ^= mix(id);
+    }
+}
+
+/// Where a subscriber is in one room: the newest entry id it was sent, and (when the
+/// stream could track it) the digest of every id it was sent in the window
+/// `(window_floor(id), id]`. On resume a node whose own entries in that window have
+/// the same digest resumes exactly after `id`; otherwise it replays the window too
+/// (entries the old node lacked), and the client drops ids it already showed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub id: MessageId,
+    pub window: Option<WindowDigest>,
+}
+
+/// A resume cursor: the position of a subscriber in each room.
+/// Text form: `v1:` then `room=32hex` or `room=32hex.count.16hex` pairs joined by `,`
+/// (empty map: `v1:`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Cursor(pub std::collections::BTreeMap<RoomId, MessageId>);
+pub struct Cursor(pub std::collections::BTreeMap<RoomId, Position>);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed cursor: {0}")]
@@ -126,7 +182,14 @@ pub struct CursorError(pub String);
 
 impl Cursor {
     pub fn encode(&self) -> String {
-        let parts: Vec<String> = self.0.iter().map(|(r, id)| format!("{r}={id}")).collect();
+        let parts: Vec<String> = self
+            .0
+            .iter()
+            .map(|(r, p)| match p.window {
+                Some(w) => format!("{r}={}.{}.{:016x}", p.id, w.count, w.hash),
+                None => format!("{r}={}", p.id),
+            })
+            .collect();
         format!("v1:{}", parts.join(","))
     }
 
@@ -142,14 +205,36 @@ impl Cursor {
             return Err(CursorError("too long".into()));
         }
         for part in body.split(',') {
-            let (r, id) = part
+            let (r, pos) = part
                 .split_once('=')
                 .ok_or_else(|| CursorError(format!("expected room=id, got {part:?}")))?;
             let room = RoomId::parse(r).map_err(|e| CursorError(e.to_string()))?;
-            let id: MessageId = id
+            let mut fields = pos.split('.');
+            let id: MessageId = fields
+                .next()
+                .unwrap_or_default()
                 .parse()
                 .map_err(|e: crate::ids::IdError| CursorError(e.to_string()))?;
-            map.insert(room, id);
+            let window = match (fields.next(), fields.next(), fields.next()) {
+                (None, _, _) => None,
+                (Some(c), Some(h), None) => {
+                    let count = c
+                        .parse::<u32>()
+                        .map_err(|_| CursorError(format!("bad window count {c:?}")))?;
+                    if h.len() != 16 {
+                        return Err(CursorError(format!("bad window digest {h:?}")));
+                    }
+                    let hash = u64::from_str_radix(h, 16)
+                        .map_err(|_| CursorError(format!("bad window digest {h:?}")))?;
+                    Some(WindowDigest { count, hash })
+                }
+                _ => {
+                    return Err(CursorError(format!(
+                        "expected id[.count.digest], got {pos:?}"
+                    )))
+                }
+            };
+            map.insert(room, Position { id, window });
         }
         Ok(Self(map))
     }
@@ -184,12 +269,54 @@ mod tests {
     #[test]
     fn cursor_roundtrip() {
         let mut c = Cursor::default();
-        c.0.insert(room(1), MessageId(42));
-        c.0.insert(room(2), MessageId(u128::MAX));
+        c.0.insert(
+            room(1),
+            Position {
+                id: MessageId(42),
+                window: None,
+            },
+        );
+        let w = WindowDigest {
+            count: 7,
+            hash: 0xdead_beef_0000_0001,
+        };
+        c.0.insert(
+            room(2),
+            Position {
+                id: MessageId(u128::MAX),
+                window: Some(w),
+            },
+        );
         assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
+        let e = c.encode();
+        assert!(Cursor::decode(&e.replace(".7.", ".x.")).is_err());
+        assert!(Cursor::decode(&format!("{e}.1")).is_err());
         assert_eq!(Cursor::decode("v1:").unwrap(), Cursor::default());
         assert!(Cursor::decode("garbage").is_err());
         assert!(Cursor::decode("v1:rm_0000000000000001").is_err());
+    }
+
+    #[test]
+    fn window_digest_is_order_independent_and_removable() {
+        let ids: Vec<MessageId> = (1..50u128).map(|i| MessageId(i * 7919)).collect();
+        let mut a = WindowDigest::default();
+        let mut b = WindowDigest::default();
+        for id in &ids {
+            a.add(*id);
+        }
+        for id in ids.iter().rev() {
+            b.add(*id);
+        }
+        assert_eq!(a, b);
+        let mut c = a;
+        c.add(MessageId(1));
+        assert_ne!(a, c);
+        c.remove(MessageId(1));
+        assert_eq!(a, c);
+        let mut d = a;
+        d.remove(ids[3]);
+        d.add(MessageId(3));
+        assert_ne!(a, d, "same count, other member");
     }
 
     proptest! {
