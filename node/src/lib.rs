@@ -14,6 +14,28 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+/// A crash point for the durability tests. Built with the `failpoints` feature and
+/// `FAILPOINTS=<name>=return` (fail crate syntax: `3*off->return` passes three
+/// times, then fires), the process aborts right there, as a power cut would stop it.
+/// Without the feature it compiles to nothing.
+#[cfg(feature = "failpoints")]
+#[macro_export]
+macro_rules! crash_point {
+    ($name:literal) => {
+        if fail::eval($name, |_| ()).is_some() {
+            eprintln!("crash point {} reached: aborting", $name);
+            std::process::abort();
+        }
+    };
+}
+
+/// See the `failpoints` variant.
+#[cfg(not(feature = "failpoints"))]
+#[macro_export]
+macro_rules! crash_point {
+    ($name:literal) => {};
+}
+
 pub mod api;
 pub mod cli;
 pub mod clock;

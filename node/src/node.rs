@@ -61,6 +61,10 @@ pub struct Config {
     /// How long a fresh node waits for `bootstrap_expect` nodes (or for an existing
     /// cluster to answer) before giving up.
     pub genesis_timeout: Duration,
+    /// Raft: build a snapshot after this many applied entries (0 = the default).
+    pub snapshot_every: u64,
+    /// Timelines: compact a room's open chunk after this many changes (0 = the default).
+    pub compact_every: usize,
 }
 
 impl Config {
@@ -79,6 +83,8 @@ impl Config {
             clock_offset_ms: 0,
             cluster: "parley".to_string(),
             genesis_timeout: Duration::from_secs(600),
+            snapshot_every: 0,
+            compact_every: 0,
         }
     }
 }
@@ -172,10 +178,14 @@ pub async fn run(
     let (applied_tx, applied_rx) = broadcast::channel(4096);
     // Peers can elect leaders only once this node serves the Cluster service, so open
     // without waiting and wait for leaders after the server is up.
-    let tuning = Tuning {
+    let mut tuning = Tuning {
         leader_wait: Duration::ZERO,
         ..Tuning::default()
     };
+    if config.snapshot_every > 0 {
+        tuning.snapshot_every = config.snapshot_every;
+        tuning.keep_after_snapshot = tuning.keep_after_snapshot.min(config.snapshot_every);
+    }
     let groups = Groups::open_cluster(&raft_db, node, grpc_addr, plan, tuning, applied_tx)
         .await
         .context("cannot start the Raft groups")?;
@@ -188,7 +198,11 @@ pub async fn run(
         .max()
         .unwrap_or(1);
     let hub = Hub::new();
-    let timelines = Timelines::open(&db, hlc.clone(), hub.clone(), ChunkLimits::default())?;
+    let mut limits = ChunkLimits::default();
+    if config.compact_every > 0 {
+        limits.compact_every = config.compact_every;
+    }
+    let timelines = Timelines::open(&db, hlc.clone(), hub.clone(), limits)?;
     let markers = Markers::open(&db)?;
     let presence = Presence::new(config.presence_ttl);
     let gossip = crate::replication::gossip::Gossip::new(

@@ -253,6 +253,12 @@ pub struct ServeArgs {
     /// Cluster name: nodes of different clusters on one network never mix.
     #[arg(long, default_value = "parley", value_name = "NAME")]
     pub cluster: String,
+    /// Tuning/tests: Raft snapshot after this many applied entries (0 = default 10000).
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub raft_snapshot_every: u64,
+    /// Tuning/tests: compact a room's open chunk after this many changes (0 = default 2000).
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub timeline_compact_every: usize,
     /// How long a fresh node waits for its peers (--bootstrap-expect) before giving up.
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     pub genesis_timeout: u64,

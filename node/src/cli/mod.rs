@@ -54,6 +54,9 @@ pub fn main() -> ExitCode {
             });
         }
     };
+    // Crash points read FAILPOINTS once, for the whole process.
+    #[cfg(feature = "failpoints")]
+    std::mem::forget(fail::FailScenario::setup());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -23,6 +23,8 @@ impl ServeArgs {
         c.clock_offset_ms = self.clock_offset_ms;
         c.cluster = self.cluster.clone();
         c.genesis_timeout = Duration::from_secs(self.genesis_timeout);
+        c.snapshot_every = self.raft_snapshot_every;
+        c.compact_every = self.timeline_compact_every;
         c
     }
 }

@@ -193,6 +193,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.insert(log_key(entry.log_id.index), codec::encode(&entry));
         }
         self.tree.apply(batch).map_err(io_write)?;
+        crate::crash_point!("raft-append-before-flush");
         match self.db.flush().await {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));

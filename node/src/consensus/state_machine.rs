@@ -159,6 +159,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot_id: self.snapshot_id.clone(),
         };
         let data = codec::encode(&self.body);
+        crate::crash_point!("raft-snapshot-build");
         self.shared
             .persist(StoredSnapshot {
                 meta: meta.clone(),
@@ -248,12 +249,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let body: SnapshotBody = codec::decode(&data).map_err(|e| {
             StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e))
         })?;
+        crate::crash_point!("raft-snapshot-install-before-persist");
         self.shared
             .persist(StoredSnapshot {
                 meta: meta.clone(),
                 data,
             })
             .await?;
+        crate::crash_point!("raft-snapshot-install-after-persist");
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = body.state;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();

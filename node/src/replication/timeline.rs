@@ -938,6 +938,7 @@ async fn commit_pipeline(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedR
             }
             publish.push((room, p.events, local));
         }
+        crate::crash_point!("timeline-before-flush");
         let flushed = inner.db.flush().await;
         let _ = flush_tx.send(Some(flushed.clone()));
         match flushed {
@@ -1032,6 +1033,7 @@ pub(super) fn compact(t: &Tree, room: &RoomId, rd: &mut RoomDoc) -> Result<(), S
     let cb = rd.chunk.to_be_bytes();
     let full = rd.doc.save();
     t.insert(key(b's', room, &[&cb]), &full)?;
+    crate::crash_point!("timeline-compact-before-removing-changes");
     let lo = key(b'c', room, &[&cb]);
     let hi = key(b'c', room, &[&cb, &[0xff; 9]]);
     t.remove_range(lo..hi)?;

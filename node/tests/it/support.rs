@@ -29,23 +29,41 @@ pub struct Node {
     dir: tempfile::TempDir,
     pub bound: Bound,
     starts: u32,
+    /// Extra `serve` flags, kept across restarts.
+    extra: Vec<String>,
 }
 
 impl Node {
     /// Starts a fresh single-node cluster and waits (bounded) until it serves.
     pub fn start() -> Self {
+        Self::start_with(&[], &[])
+    }
+
+    /// Like [`Node::start`], with extra `serve` flags (kept for restarts) and
+    /// environment variables (this start only).
+    pub fn start_with(extra: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("parley-it-")
             .tempdir()
             .expect("temp dir");
         std::fs::create_dir_all(dir.path().join("logs")).expect("logs dir");
-        let (child, bound) = spawn(dir.path(), 0);
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let (child, bound) = spawn(dir.path(), 0, &extra, env);
         Self {
             child: Some(child),
             dir,
             bound,
             starts: 1,
+            extra,
         }
+    }
+
+    /// The child process, if it has exited: its status (reaped).
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// `HOST:PORT` of the node's gRPC API (as `--node` takes it).
@@ -72,9 +90,14 @@ impl Node {
     /// Starts the node again on the same data dir (new ports), after killing it if it
     /// still runs. The stale `node.json` is removed first so the wait sees the new one.
     pub fn restart(&mut self) {
+        self.restart_with(&[]);
+    }
+
+    /// [`Node::restart`] with environment variables for this start.
+    pub fn restart_with(&mut self, env: &[(&str, &str)]) {
         self.kill9();
         let _ = std::fs::remove_file(self.data_dir().join("node.json"));
-        let (child, bound) = spawn(self.dir.path(), self.starts);
+        let (child, bound) = spawn(self.dir.path(), self.starts, &self.extra, env);
         self.starts += 1;
         self.child = Some(child);
         self.bound = bound;
@@ -145,8 +168,8 @@ fn logs(dir: &Path) -> String {
 
 /// Starts `parley serve` in `<dir>/data`, logging to `<dir>/logs/run-N.log`, and waits
 /// until `node.json` names this child's pid.
-fn spawn(dir: &Path, n: u32) -> (Child, Bound) {
-    let args = [
+fn spawn(dir: &Path, n: u32, extra: &[String], env: &[(&str, &str)]) -> (Child, Bound) {
+    let mut args: Vec<String> = [
         "--listen",
         "127.0.0.1:0",
         "--http",
@@ -154,17 +177,25 @@ fn spawn(dir: &Path, n: u32) -> (Child, Bound) {
         "--p2p",
         "/ip4/127.0.0.1/tcp/0",
     ]
-    .map(String::from);
-    let child = spawn_child(dir, n, &args);
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().cloned());
+    let child = spawn_child_env(dir, n, &args, env);
     wait_bound(dir, child, START_TIMEOUT)
 }
 
 /// Starts `parley serve` in `<dir>/data` with `args`, logging to `<dir>/logs/run-N.log`.
 fn spawn_child(dir: &Path, n: u32, args: &[String]) -> Child {
+    spawn_child_env(dir, n, args, &[])
+}
+
+fn spawn_child_env(dir: &Path, n: u32, args: &[String], env: &[(&str, &str)]) -> Child {
     let data = dir.join("data");
     let log = File::create(dir.join("logs").join(format!("run-{n}.log"))).expect("log file");
     let log2 = log.try_clone().expect("log file");
     Command::new(BIN)
+        .env_remove("FAILPOINTS")
+        .envs(env.iter().copied())
         .env_remove("PARLEY_NODE")
         .env_remove("PARLEY_TOKEN")
         .env(
@@ -508,6 +539,7 @@ impl Cluster {
                     dir,
                     bound,
                     starts: 1,
+                    extra: Vec::new(),
                 }
             })
             .collect();
@@ -544,6 +576,7 @@ impl Cluster {
             dir,
             bound,
             starts: 1,
+            extra: Vec::new(),
         });
         self.args.push(a);
         i
