@@ -5,6 +5,7 @@
 //! | [`set_full`] | every acked send is in every final read of its room; nothing unexpected or duplicated; stale reads and visibility latency as figures |
 //! | [`delivery`] | every subscriber got every message of its rooms, once per subscription, in id order |
 //! | [`order_and_agreement`] | all nodes' final timelines agree; each process's acked sends keep their order |
+//! | [`membership`] | membership ops are linearizable per room (Wing–Gong–Lowe search over [`wgl`]) |
 //! | [`ban_fence`] | no send of a banned (or kicked) user is accepted or shows up afterwards |
 //! | [`markers`] | read markers never go backwards and never fall below the asked id |
 //! | [`presence`] | presence set through a killed node expires; fresh presence is not "offline" |
@@ -30,9 +31,11 @@ pub mod ban_fence;
 pub mod delivery;
 pub mod liveness;
 pub mod markers;
+pub mod membership;
 pub mod order_and_agreement;
 pub mod presence;
 pub mod set_full;
+pub mod wgl;
 
 #[cfg(test)]
 pub(crate) mod testkit;
@@ -104,6 +107,7 @@ pub fn check_all(history: &[Event], cfg: &Config) -> Vec<Verdict> {
         set_full::check(history, cfg),
         delivery::check(history, cfg),
         order_and_agreement::check(history, cfg),
+        membership::check(history, cfg),
         ban_fence::check(history, cfg),
         markers::check(history, cfg),
         presence::check(history, cfg),
@@ -382,6 +386,7 @@ mod tests {
                 "set_full",
                 "delivery",
                 "order_and_agreement",
+                "membership",
                 "ban_fence",
                 "markers",
                 "presence",

@@ -1,7 +1,9 @@
 //! A history builder for the checkers' tests: events get consecutive indexes and a
 //! clock that advances 1 ms per event unless moved with [`H::advance_ms`].
 
-use crate::history::{Event, Msg, Op, Type, NEMESIS};
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::history::{Event, Members, Msg, Op, Type, NEMESIS};
 
 const MS: u64 = 1_000_000;
 
@@ -144,6 +146,12 @@ impl H {
             user: user.into(),
         }
     }
+    pub fn leave(room: &str, user: &str) -> Op {
+        Op::Leave {
+            room: room.into(),
+            user: user.into(),
+        }
+    }
     pub fn kick(room: &str, user: &str) -> Op {
         Op::Kick {
             room: room.into(),
@@ -160,6 +168,25 @@ impl H {
         Op::Unban {
             room: room.into(),
             user: user.into(),
+        }
+    }
+    pub fn members(room: &str, state: Option<Members>) -> Op {
+        Op::Members {
+            room: room.into(),
+            state,
+        }
+    }
+    /// A `Members` value: `members` as (user, role), `banned` users.
+    pub fn state(members: &[(&str, &str)], banned: &[&str]) -> Members {
+        Members {
+            members: members
+                .iter()
+                .map(|(u, r)| (u.to_string(), r.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+            banned: banned
+                .iter()
+                .map(|u| u.to_string())
+                .collect::<BTreeSet<_>>(),
         }
     }
 }
