@@ -3,3 +3,10 @@
 
 pub mod checker;
 pub mod history;
+pub mod nemesis;
+pub mod net;
+pub mod nodes;
+pub mod recorder;
+pub mod report;
+pub mod run;
+pub mod workload;

@@ -19,9 +19,11 @@
 //!
 //! Initial state: the admin is the user with role "admin" in the first ok `members`
 //! read that has one (if that read lists several admins, the one that is admin in
-//! every ok read, else the first); the room starts with that admin as its only member
-//! and nothing banned. With no such read the room starts empty and the admin is
-//! unknown (moderation is then assumed to come from an admin).
+//! every ok read, else the first). If the room's first ok `members` read completed
+//! before any change of the room was invoked, the room starts in exactly that state;
+//! otherwise it starts with the admin as its only member and nothing banned. With no
+//! read at all the room starts empty and the admin is unknown (moderation is then
+//! assumed to come from an admin).
 //!
 //! Outcomes: `ok` → the model must return `Ok` (or, for `members`, the same
 //! [`Members`]); a definite refusal → the model must refuse with that code; a refusal
@@ -273,6 +275,46 @@ fn initial_admin(reads: &[&Members]) -> Option<String> {
         .or_else(|| first.into_iter().next())
 }
 
+/// The room's starting state: a strong read that completed before any change of the
+/// room was invoked *is* the starting state (the harness takes one right after its
+/// set-up); without one, the admin alone.
+fn initial_state(r: &RoomOps<'_>, admin: Option<String>) -> RoomModel {
+    let first_read = r
+        .entries
+        .iter()
+        .filter(|e| e.op == MOp::Read)
+        .filter_map(|e| match &e.ret {
+            Some(MRet::Members(m)) => Some((e.complete, m)),
+            _ => None,
+        })
+        .min_by_key(|(done, _)| *done);
+    let first_change = r
+        .entries
+        .iter()
+        .filter(|e| e.op != MOp::Read)
+        .map(|e| e.invoke)
+        .min()
+        .unwrap_or(u64::MAX);
+    match first_read {
+        Some((done, m)) if done < first_change => {
+            let members: BTreeMap<String, Role> = m
+                .members
+                .iter()
+                .filter_map(|(u, role)| Role::parse(role).map(|r| (u.clone(), r)))
+                .collect();
+            if members.len() != m.members.len() {
+                return RoomModel::new(admin);
+            }
+            RoomModel {
+                admin,
+                members,
+                banned: m.banned.clone(),
+            }
+        }
+        _ => RoomModel::new(admin),
+    }
+}
+
 /// The WGL entries of one room, and the calls they came from.
 struct RoomOps<'a> {
     entries: Vec<Entry<RoomModel>>,
@@ -338,7 +380,7 @@ pub fn check(history: &[Event], cfg: &Config) -> Verdict {
     let mut per_room = serde_json::Map::new();
     let (mut ops, mut undecided, mut nonlin, mut steps) = (0usize, 0usize, 0usize, 0u64);
     for (room, r) in &rooms {
-        let init = RoomModel::new(initial_admin(&r.reads));
+        let init = initial_state(r, initial_admin(&r.reads));
         let found = wgl::search(&init, &r.entries, cfg.membership_search_budget);
         ops += r.entries.len();
         steps += found.steps;
@@ -506,6 +548,24 @@ mod tests {
         let v = run(&h);
         assert!(!v.valid);
         assert_eq!(v.anomalies[0].kind, "nonlinearizable");
+    }
+
+    #[test]
+    fn a_first_read_before_any_change_is_the_starting_state() {
+        // The room starts with u1 a member and u2 banned: kicking u1 is fine and
+        // u2's join is refused.
+        let mut h = H::new();
+        read(&mut h, 9, &[("adm", "admin"), ("u1", "member")], &["u2"]);
+        h.call(9, "n2", H::kick("r", "u1"), H::kick("r", "u1"));
+        h.invoke(2, "n1", H::join("r", "u2"));
+        h.fail(2, "n1", H::join("r", "u2"), "PERMISSION_DENIED");
+        let v = run(&h);
+        assert!(v.valid, "{v:?}");
+        // Without that starting state the same kick could not have succeeded.
+        let mut h = H::new();
+        read(&mut h, 9, &[("adm", "admin")], &[]);
+        h.call(9, "n2", H::kick("r", "u1"), H::kick("r", "u1"));
+        assert!(!run(&h).valid);
     }
 
     #[test]

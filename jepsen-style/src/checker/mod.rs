@@ -103,16 +103,30 @@ impl Default for Config {
 
 /// Runs every checker.
 pub fn check_all(history: &[Event], cfg: &Config) -> Vec<Verdict> {
-    vec![
-        set_full::check(history, cfg),
-        delivery::check(history, cfg),
-        order_and_agreement::check(history, cfg),
-        membership::check(history, cfg),
-        ban_fence::check(history, cfg),
-        markers::check(history, cfg),
-        presence::check(history, cfg),
-        liveness::check(history, cfg),
-    ]
+    let checkers: [fn(&[Event], &Config) -> Verdict; 8] = [
+        set_full::check,
+        delivery::check,
+        order_and_agreement::check,
+        membership::check,
+        ban_fence::check,
+        markers::check,
+        presence::check,
+        liveness::check,
+    ];
+    checkers
+        .iter()
+        .map(|check| {
+            let t = std::time::Instant::now();
+            let mut v = check(history, cfg);
+            if let serde_json::Value::Object(m) = &mut v.stats {
+                m.insert(
+                    "check_ms".into(),
+                    serde_json::json!(t.elapsed().as_millis() as u64),
+                );
+            }
+            v
+        })
+        .collect()
 }
 
 /// Most anomalies [`render_text`] lists per checker.
