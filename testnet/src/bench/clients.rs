@@ -1,7 +1,8 @@
 //! `bench --clients N`: many idle subscribed connections, what they cost the nodes, and
 //! whether the nodes still deliver to all of them.
 //!
-//! Users (one per client) and rooms are created and joined first; then each node's
+//! Users (one per client) and rooms are created and joined first, and every room is
+//! loaded on every node (one stream per node over all rooms); then each node's
 //! resident memory is sampled until it settles; then N clients connect, each over its
 //! own HTTP/2 connection (its own `Endpoint::connect`, so the server holds one
 //! connection per client) to node `i % nodes`, and open one `Subscribe` stream for its
@@ -116,21 +117,21 @@ async fn settled_rss(pids: &[u32]) -> Vec<Option<u64>> {
     last
 }
 
-/// One client: its own connection, then a Subscribe stream for its room. Returns the
+/// One client: its own connection, then a Subscribe stream for its rooms. Returns the
 /// stream and the connect and connect+subscribe times in µs.
 async fn open_client(
     addr: SocketAddr,
     user: &setup::User,
-    room_id: &str,
+    rooms: &[String],
 ) -> Result<(tonic::Streaming<parley_proto::v1::Event>, u64, u64)> {
     let t0 = Instant::now();
     let client = setup::connect(addr, None).await?;
     let connect_us = t0.elapsed().as_micros() as u64;
-    let stream = retry(&format!("{} subscribe {room_id}", user.name), |_| {
+    let stream = retry(&format!("{} subscribe", user.name), |_| {
         let mut c = client.clone();
         let req = authed(
             parley_proto::v1::SubscribeRequest {
-                rooms: vec![room_id.to_string()],
+                rooms: rooms.to_vec(),
                 cursor: String::new(),
             },
             &user.auth,
@@ -147,6 +148,20 @@ async fn open_client(
     .await
     .with_context(|| format!("client {} on {addr}", user.name))?;
     Ok((stream, connect_us, t0.elapsed().as_micros() as u64))
+}
+
+/// Reads a stream and drops what it gets until `stop` flips or the stream ends.
+async fn discard(
+    mut stream: tonic::Streaming<parley_proto::v1::Event>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => return,
+            next = stream.message() => if !matches!(next, Ok(Some(_))) { return },
+        }
+    }
 }
 
 pub async fn run(
@@ -199,6 +214,16 @@ pub async fn run(
     setup::join_all(&unary, pairs, conc, &pb).await?;
     let setup_s = setup_t0.elapsed().as_secs_f64();
 
+    // Every room loaded on every node before the baseline, so the growth measured
+    // below is the connections' and not the rooms' (the admin, a member of every room,
+    // holds one stream per node on all of them, read and dropped until the end).
+    pb.set_message("loading rooms");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut warm = Vec::with_capacity(targets.len());
+    for &t in targets {
+        let (stream, _, _) = open_client(t, &admin, &room_ids).await?;
+        warm.push(tokio::spawn(discard(stream, stop_rx.clone())));
+    }
     pb.set_message("memory before");
     let pids: Vec<u32> = watched.iter().map(|(_, p)| *p).collect();
     let before = settled_rss(&pids).await;
@@ -210,7 +235,6 @@ pub async fn run(
     pb.set_position(0);
     pb.set_message("connecting clients");
     let shared = Arc::new(Shared::new(Clock::new()));
-    let (stop_tx, stop_rx) = watch::channel(false);
     let mut connect_h = new_hist();
     let mut total_h = new_hist();
     let mut sub_tasks = Vec::with_capacity(n);
@@ -225,7 +249,7 @@ pub async fn run(
             let room_id = room_ids[room].clone();
             let pb = &pb;
             async move {
-                let r = open_client(addr, u, &room_id).await;
+                let r = open_client(addr, u, std::slice::from_ref(&room_id)).await;
                 pb.inc(1);
                 (room, r)
             }
@@ -349,6 +373,9 @@ pub async fn run(
     }
     let _ = stop_tx.send(true);
     pb.finish_and_clear();
+    for t in warm {
+        let _ = t.await;
+    }
     let mut logs = Vec::with_capacity(sub_tasks.len());
     for t in sub_tasks {
         logs.push(t.await.context("client task failed")?);
