@@ -17,6 +17,8 @@
 //! - The home writes only within its lease ([`crate::consensus::Groups::home_lease`]),
 //!   shorter than the minimum election timeout, so a deposed home stops writing before
 //!   a new leader can exist: its last writes are concurrent with any newer ban.
+//!   Anti-entropy later spreads whatever a home made durable, including a write whose
+//!   push was refused here; the lease is what keeps such writes from postdating a ban.
 //! - Unfenced writes (`W = 1` on a node with no leader in reach, DESIGN §4) carry no
 //!   term; replicas still check their authors.
 

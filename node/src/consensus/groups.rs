@@ -87,9 +87,15 @@ pub struct Tuning {
     /// Cluster open: how long to wait for every local group to know some leader.
     pub leader_wait: Duration,
     /// The home's lease: a partition's leader writes its rooms' timelines only while a
-    /// quorum acknowledged a heartbeat or append it sent less than this long ago. Must
-    /// stay below `election_min_ms`: no other node can have been elected before then, so
-    /// a home within its lease has seen every ban committed (see [`Groups::home_lease`]).
+    /// quorum acknowledged a heartbeat or append it sent less than this long ago (see
+    /// [`Groups::home_lease`]). Must stay below `election_min_ms`: the follower whose ack
+    /// made the quorum may itself be the next candidate, and its own timer runs from
+    /// when it got that heartbeat (after it was sent), so it cannot campaign sooner than
+    /// `election_min_ms` after the send; the other voters refuse votes for
+    /// `election_max_ms` after hearing from the leader (openraft's vote lease). The
+    /// margin (50 ms by default) covers clock-rate differences. Under CPU saturation a
+    /// heartbeat's round trip can pass the lease: the home then refuses writes
+    /// (UNAVAILABLE) until the next ack, which is the price of the fence.
     pub home_lease_ms: u64,
 }
 
