@@ -712,6 +712,24 @@ impl ReplicationHandler for NodeReplication {
     ) -> Result<PushChangesReply, tonic::Status> {
         let room = RoomId::parse(&req.room_id)
             .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        // The fence, before anything is applied (api::fence).
+        match api::fence::admit_push(&self.ctx, &room, &req).await {
+            Ok(()) => {}
+            Err(r @ api::fence::Refusal::StaleHome(_)) => {
+                tracing::debug!(room = %room, from = req.from_node, refusal = %r, "push refused");
+                return Err(tonic::Status::failed_precondition(r.to_string()));
+            }
+            Err(r @ api::fence::Refusal::Invalid(_)) => {
+                return Err(tonic::Status::invalid_argument(r.to_string()))
+            }
+            Err(r @ api::fence::Refusal::Author(_)) => {
+                tracing::debug!(room = %room, from = req.from_node, refusal = %r, "push refused");
+                return Ok(PushChangesReply {
+                    durable: false,
+                    rejected: r.to_string(),
+                });
+            }
+        }
         match self
             .ctx
             .timelines

@@ -69,6 +69,10 @@ enum Command {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Before any node is spawned: children inherit the raised limit.
+    if let Err(e) = nodes::raise_nofile_limit() {
+        eprintln!("testnet: could not raise the open-file limit: {e}");
+    }
     let result = match cli.command {
         Command::Up(args) => up::run(args).await,
         Command::Status(args) => ctl::status(args).await,

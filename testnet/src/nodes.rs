@@ -25,6 +25,13 @@ pub fn find_parley(explicit: Option<&Path>) -> Result<PathBuf> {
     )
 }
 
+/// Raises this process's open-file limit (`RLIMIT_NOFILE`) from its soft value to the
+/// hard one and returns the limit now in force. Node processes started afterwards
+/// inherit it, so `bench --clients` can hold thousands of connections on both sides.
+pub fn raise_nofile_limit() -> std::io::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX)
+}
+
 /// The last `lines` lines of a log file (for error messages).
 pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();

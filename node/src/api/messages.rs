@@ -1,12 +1,14 @@
 //! Messages: SendMessage, EditMessage, DeleteMessage, React, SendDirect, History.
 //!
 //! Writes happen on the room's home (see `route.rs`); membership and bans are checked
-//! there, before the timeline is touched; a refused request writes nothing.
+//! there, under the home's fence (`fence.rs`), before the timeline is touched; a refused
+//! request writes nothing.
 
 use parley_proto::v1 as pb;
 
 use tonic::metadata::MetadataMap;
 
+use super::fence;
 use super::route::{check_reachable, forwarded, relay, route, write_quorum, Route};
 use super::{message_id, opt_message_id, validate_text, ApiError, ApiResult, Ctx, Metrics};
 use crate::consensus::state::{Applied, Command, Role, RoomRecord};
@@ -50,6 +52,8 @@ async fn append(
             other => return other,
         }
     }
+    // The fence first, then the membership check it covers (see fence.rs).
+    let fence = fence::stamp(ctx, room, w)?;
     ctx.require_member(room, user).await?;
     check_reachable(ctx, room, w)?;
     let appended = ctx
@@ -61,6 +65,7 @@ async fn append(
             client_msg_id,
             after,
             write_quorum: w,
+            fence,
         })
         .await?;
     if appended.duplicate {
@@ -175,11 +180,12 @@ pub(super) async fn edit(
     if let Route::Forward(mut home) = route(ctx, &room, md, w)? {
         return relay(home.edit_message(forwarded(req, md)).await);
     }
+    let fence = fence::stamp(ctx, &room, w)?;
     ctx.require_member(&room, user).await?;
     check_reachable(ctx, &room, w)?;
     Ok(ack(ctx
         .timelines
-        .edit(&room.id, user, target, text, w)
+        .edit(&room.id, user, target, text, w, fence)
         .await?))
 }
 
@@ -196,11 +202,12 @@ pub(super) async fn delete(
     if let Route::Forward(mut home) = route(ctx, &room, md, w)? {
         return relay(home.delete_message(forwarded(req, md)).await);
     }
+    let fence = fence::stamp(ctx, &room, w)?;
     let me = ctx.require_member(&room, user).await?;
     check_reachable(ctx, &room, w)?;
     Ok(ack(ctx
         .timelines
-        .delete(&room.id, user, me.role == Role::Admin, target, w)
+        .delete(&room.id, user, me.role == Role::Admin, target, w, fence)
         .await?))
 }
 
@@ -223,11 +230,12 @@ pub(super) async fn react(
     if let Route::Forward(mut home) = route(ctx, &room, md, w)? {
         return relay(home.react(forwarded(req, md)).await);
     }
+    let fence = fence::stamp(ctx, &room, w)?;
     ctx.require_member(&room, user).await?;
     check_reachable(ctx, &room, w)?;
     Ok(ack(ctx
         .timelines
-        .react(&room.id, user, target, emoji, req.remove, w)
+        .react(&room.id, user, target, emoji, req.remove, w, fence)
         .await?))
 }
 

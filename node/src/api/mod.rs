@@ -9,6 +9,7 @@
 //! - `presence.rs`: SetPresence, GetPresence, SetTyping, MarkRead, GetReceipts
 //! - `cluster.rs`: ClusterStatus (operators; no token)
 //! - `http.rs`: `/healthz`, `/metrics`
+//! - `fence.rs`: the fence on writes: the home's stamp, a replica's check of a push
 //!
 //! This layer checks who may do what (auth, membership, bans) before it calls into
 //! consensus or replication; those layers never see an unauthenticated request.
@@ -35,6 +36,7 @@ use crate::replication::Timelines;
 pub mod auth;
 mod cluster;
 pub mod error;
+pub mod fence;
 pub mod http;
 mod members;
 mod messages;

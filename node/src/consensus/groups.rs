@@ -86,6 +86,17 @@ pub struct Tuning {
     pub route_timeout: Duration,
     /// Cluster open: how long to wait for every local group to know some leader.
     pub leader_wait: Duration,
+    /// The home's lease: a partition's leader writes its rooms' timelines only while a
+    /// quorum acknowledged a heartbeat or append it sent less than this long ago (see
+    /// [`Groups::home_lease`]). Must stay below `election_min_ms`: the follower whose ack
+    /// made the quorum may itself be the next candidate, and its own timer runs from
+    /// when it got that heartbeat (after it was sent), so it cannot campaign sooner than
+    /// `election_min_ms` after the send; the other voters refuse votes for
+    /// `election_max_ms` after hearing from the leader (openraft's vote lease). The
+    /// margin (50 ms by default) covers clock-rate differences. Under CPU saturation a
+    /// heartbeat's round trip can pass the lease: the home then refuses writes
+    /// (UNAVAILABLE) until the next ack, which is the price of the fence.
+    pub home_lease_ms: u64,
 }
 
 impl Default for Tuning {
@@ -101,12 +112,19 @@ impl Default for Tuning {
             ready_timeout: Duration::from_secs(10),
             route_timeout: Duration::from_secs(5),
             leader_wait: Duration::from_secs(3),
+            home_lease_ms: 250,
         }
     }
 }
 
 impl Tuning {
     fn raft_config(&self) -> Result<openraft::Config, ConsensusError> {
+        if self.home_lease_ms >= self.election_min_ms {
+            return Err(ConsensusError::Fatal(format!(
+                "the home lease ({} ms) must be shorter than the minimum election timeout ({} ms)",
+                self.home_lease_ms, self.election_min_ms
+            )));
+        }
         openraft::Config {
             cluster_name: "parley".to_owned(),
             heartbeat_interval: self.heartbeat_ms,
@@ -132,6 +150,29 @@ impl Tuning {
 pub(super) struct Group {
     pub(super) raft: Raft,
     pub(super) state: Arc<RwLock<State>>,
+    /// When, as this group's leader, this node last had a quorum acknowledge something it
+    /// sent (see [`track_quorum_ack`]); `None` when it does not lead.
+    pub(super) quorum_acked: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+/// Keeps `at` = the instant a quorum last acknowledged what this node sent as `raft`'s
+/// leader, until the Raft shuts down. openraft computes `millis_since_quorum_ack` only
+/// when it publishes metrics (on events, and on its tick every 1.5 heartbeats), so the
+/// value read later is older than it says; turned into an instant as soon as it is
+/// published, the age measured from it is right at any later moment.
+async fn track_quorum_ack(raft: Raft, at: Arc<std::sync::Mutex<Option<std::time::Instant>>>) {
+    let mut rx = raft.metrics();
+    loop {
+        let acked = rx
+            .borrow_and_update()
+            .millis_since_quorum_ack
+            .and_then(|ms| std::time::Instant::now().checked_sub(Duration::from_millis(ms)));
+        *at.lock().unwrap_or_else(|p| p.into_inner()) = acked;
+        // Ends when the Raft shuts down and drops its metrics sender.
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 pub(super) struct Inner {
@@ -289,7 +330,16 @@ impl Groups {
                     Err(RaftError::Fatal(e)) => return Err(fatal_err(e)),
                 }
             }
-            groups.insert(gid, Group { raft, state });
+            let quorum_acked = Arc::new(std::sync::Mutex::new(None));
+            tokio::spawn(track_quorum_ack(raft.clone(), quorum_acked.clone()));
+            groups.insert(
+                gid,
+                Group {
+                    raft,
+                    state,
+                    quorum_acked,
+                },
+            );
         }
         Ok(Self {
             inner: Arc::new(Inner {
@@ -461,6 +511,56 @@ impl Groups {
     pub fn leader_of(&self, p: PartitionId) -> Option<u64> {
         self.group(p)
             .and_then(|g| g.raft.metrics().borrow().current_leader)
+    }
+
+    /// Whether this node may write partition `p`'s room timelines as their home now, and
+    /// the term to fence the write with. Yes only while it leads the group, a quorum
+    /// acknowledged something it sent within [`Tuning::home_lease_ms`] (shorter than any
+    /// election timeout, so no newer leader can exist yet), and it has applied an entry of
+    /// its own term (so every entry committed before, a ban among them, is in its state).
+    /// The reason otherwise.
+    pub fn home_lease(&self, p: PartitionId) -> Result<u64, String> {
+        let g = self
+            .group(p)
+            .ok_or_else(|| format!("node {} holds no replica of partition {p}", self.inner.node))?;
+        let m = g.raft.metrics().borrow().clone();
+        if m.current_leader != Some(self.inner.node.0) {
+            return Err(format!(
+                "node {} does not lead partition {p}",
+                self.inner.node
+            ));
+        }
+        if m.last_applied.map(|l| l.leader_id.term) != Some(m.current_term) {
+            return Err(format!(
+                "node {} leads partition {p} but has not applied its first entry of term {} yet",
+                self.inner.node, m.current_term
+            ));
+        }
+        let voters = m.membership_config.membership().voter_ids().count();
+        if voters > 1 {
+            let acked = *g.quorum_acked.lock().unwrap_or_else(|e| e.into_inner());
+            let lease = Duration::from_millis(self.inner.tuning.home_lease_ms);
+            match acked.map(|t| t.elapsed()) {
+                Some(age) if age < lease => {}
+                age => {
+                    return Err(format!(
+                        "node {} leads partition {p} but its lease ran out (last quorum contact {}, lease {} ms)",
+                        self.inner.node,
+                        age.map_or_else(|| "never".to_string(), |a| format!("{} ms ago", a.as_millis())),
+                        lease.as_millis()
+                    ))
+                }
+            }
+        }
+        Ok(m.current_term)
+    }
+
+    /// This node's current term of group `gid` (`None` without a local replica).
+    pub fn current_term(&self, gid: GroupId) -> Option<u64> {
+        self.inner
+            .groups
+            .get(&gid)
+            .map(|g| g.raft.metrics().borrow().current_term)
     }
 
     /// The gRPC address of `node`: from the plan, else from the meta group's registry.

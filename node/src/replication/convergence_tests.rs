@@ -313,6 +313,7 @@ async fn run_op(c: &Cluster, m: &mut Model, op: &Op) {
                     client_msg_id: cid.clone(),
                     after: None,
                     write_quorum: 1,
+                    fence: None,
                 })
                 .await
                 .unwrap();
@@ -329,7 +330,7 @@ async fn run_op(c: &Cluster, m: &mut Model, op: &Op) {
             let text = format!("edit {} on n{}", m.next, at + 1);
             // NotFound: this replica has not seen the message yet; nothing written.
             if let Ok(a) = ns[at]
-                .edit(&r, &user(author), target, text.clone(), 1)
+                .edit(&r, &user(author), target, text.clone(), 1, None)
                 .await
             {
                 m.edits.entry(target).or_default().push((a.id, text));
@@ -348,7 +349,15 @@ async fn run_op(c: &Cluster, m: &mut Model, op: &Op) {
             let target = m.sent[pick % m.sent.len()].0;
             let remove = remove && m.racing_amendments;
             let _ = ns[at]
-                .react(&r, &user(u), target, EMOJI[emoji].to_string(), remove, 1)
+                .react(
+                    &r,
+                    &user(u),
+                    target,
+                    EMOJI[emoji].to_string(),
+                    remove,
+                    1,
+                    None,
+                )
                 .await;
         }
         Op::Cut { a, b } => {
@@ -376,6 +385,7 @@ async fn run_op(c: &Cluster, m: &mut Model, op: &Op) {
                     client_msg_id: cid.clone(),
                     after: None,
                     write_quorum: 1,
+                    fence: None,
                 };
                 let tl = ns[at].clone();
                 tasks.push((at, u, cid, tokio::spawn(async move { tl.send(nm).await })));

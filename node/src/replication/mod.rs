@@ -22,7 +22,8 @@ mod remote;
 pub mod timeline;
 
 pub use timeline::{
-    Appended, ChunkLimits, HistoryQuery, NewMessage, TimelineError, Timelines, QUORUM_TIMEOUT,
+    Appended, ChunkLimits, Fence, HistoryQuery, NewMessage, TimelineError, Timelines,
+    QUORUM_TIMEOUT,
 };
 
 use parley_proto::v1::{PushChangesReply, PushChangesRequest, SyncReply, SyncRequest};

@@ -9,6 +9,10 @@
 //! - A peer acknowledges a push as durable only once every change in it is applied
 //!   (no missing dependencies) and flushed; entries become visible (index, delivery)
 //!   through the same commit pipeline as local writes, in id order per batch.
+//! - A push carries its writer's fence and the authors of its entries; the receiving
+//!   node (not this layer) refuses it before anything is applied when the fence is stale
+//!   or an author may not write to the room (DESIGN §3 "Fences"). Anti-entropy carries
+//!   neither: it converges what writers already made durable, it acknowledges nothing.
 //! - Anti-entropy runs the automerge sync protocol over the open chunk. Of each pair of
 //!   replicas only the one with the smaller node id starts exchanges, and every exchange
 //!   starts from a fresh sync state on both sides, so a restart on either side cannot
@@ -24,21 +28,31 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 
 use super::timeline::{client_key, entry_event, key, rebuild_message, Inner, RoomDoc, Waiter};
-use super::{Network, TimelineError, Timelines, QUORUM_TIMEOUT};
+use super::{Fence, Network, TimelineError, Timelines, QUORUM_TIMEOUT};
 use crate::ids::{MessageId, RoomId};
 use crate::store::StoreError;
 
 /// One flushed change of a room's writer, and the writers waiting for replicas to hold it.
 pub(crate) struct PushItem {
-    chunk: u32,
-    change: Vec<u8>,
-    waiters: Vec<Waiter>,
+    pub(super) chunk: u32,
+    pub(super) change: Vec<u8>,
+    pub(super) waiters: Vec<Waiter>,
     /// Resolves with the result of this node's flush of the change.
-    flushed: Flushed,
+    pub(super) flushed: Flushed,
+    /// Who wrote the change's entries, and the fence they were written under.
+    pub(super) authors: Vec<String>,
+    pub(super) fence: Option<Fence>,
 }
 
-/// One request's worth of pushes: chunk, its changes in order, and their writers.
-type PushRequest = (u32, Vec<Vec<u8>>, Vec<(Waiter, Flushed)>);
+/// One request's worth of pushes: consecutive changes of one chunk written under one
+/// fence, in order, with their authors and writers.
+struct PushRequest {
+    chunk: u32,
+    fence: Option<Fence>,
+    changes: Vec<Vec<u8>>,
+    authors: Vec<String>,
+    waiters: Vec<(Waiter, Flushed)>,
+}
 
 /// The local flush of a pipeline round: `None` until it finished.
 pub(crate) type Flushed = tokio::sync::watch::Receiver<Option<Result<(), StoreError>>>;
@@ -47,27 +61,13 @@ pub(crate) type Flushed = tokio::sync::watch::Receiver<Option<Result<(), StoreEr
 const SYNC_ROUNDS: usize = 16;
 
 /// Hands a flushed change to the room's pusher (started on first use).
-pub(super) fn push(
-    inner: &Arc<Inner>,
-    net: &Arc<dyn Network>,
-    room: &RoomId,
-    chunk: u32,
-    change: Vec<u8>,
-    waiters: Vec<Waiter>,
-    flushed: Flushed,
-) {
+pub(super) fn push(inner: &Arc<Inner>, net: &Arc<dyn Network>, room: &RoomId, item: PushItem) {
     let me = inner
         .network
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .as_ref()
         .map_or(0, |(n, _)| *n);
-    let item = PushItem {
-        chunk,
-        change,
-        waiters,
-        flushed,
-    };
     let mut pushers = inner.pushers.lock().unwrap_or_else(|p| p.into_inner());
     let tx = pushers.entry(room.clone()).or_insert_with(|| {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -100,26 +100,38 @@ async fn pusher(
                 Err(_) => break,
             }
         }
-        // Consecutive items of the same chunk travel in one request, in order.
+        // Consecutive items of the same chunk and fence travel in one request, in order.
         let mut requests: Vec<PushRequest> = Vec::new();
         for item in items {
             let waiters = item.waiters.into_iter().map(|w| (w, item.flushed.clone()));
             match requests.last_mut() {
-                Some((c, changes, ws)) if *c == item.chunk => {
-                    changes.push(item.change);
-                    ws.extend(waiters);
+                Some(r) if r.chunk == item.chunk && r.fence == item.fence => {
+                    r.changes.push(item.change);
+                    r.authors.extend(item.authors);
+                    r.waiters.extend(waiters);
                 }
-                _ => requests.push((item.chunk, vec![item.change], waiters.collect())),
+                _ => requests.push(PushRequest {
+                    chunk: item.chunk,
+                    fence: item.fence,
+                    changes: vec![item.change],
+                    authors: item.authors,
+                    waiters: waiters.collect(),
+                }),
             }
         }
-        for (chunk, changes, waiters) in requests {
+        for mut r in requests {
+            r.authors.sort_unstable();
+            r.authors.dedup();
             let req = PushChangesRequest {
                 room_id: room.to_string(),
-                chunk,
-                changes,
+                chunk: r.chunk,
+                changes: r.changes,
                 from_node: me,
+                group: r.fence.map_or(0, |f| f.group),
+                term: r.fence.map(|f| f.term),
+                authors: r.authors,
             };
-            replicate(&net, &room, req, waiters).await;
+            replicate(&net, &room, req, r.waiters).await;
         }
     }
 }

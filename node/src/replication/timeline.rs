@@ -101,6 +101,28 @@ pub struct NewMessage {
     pub after: Option<MessageId>,
     /// Replicas (this one included) that must hold the message durably before the ack.
     pub write_quorum: u8,
+    /// The writer's fence, pushed with the change (`None`: an unfenced write).
+    pub fence: Option<Fence>,
+}
+
+/// What the writer knew of the room's partition when it checked the author: the Raft
+/// group and its term (see `PushChangesRequest` in cluster.proto). Opaque to this layer:
+/// it travels with the write's change to the other replicas, which judge it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub group: u32,
+    pub term: u64,
+}
+
+impl Fence {
+    /// The fence of a change holding entries written under `a` and `b`: the older term,
+    /// so a replica that knows a newer one refuses the whole change.
+    pub fn merge(a: Option<Fence>, b: Option<Fence>) -> Option<Fence> {
+        match (a, b) {
+            (Some(x), Some(y)) => Some(if y.term < x.term { y } else { x }),
+            (x, None) | (None, x) => x,
+        }
+    }
 }
 
 /// The result of an append.
@@ -138,6 +160,9 @@ pub(super) struct RoomDoc {
     /// Entries written on this node since the last persist: only a room's writer seals
     /// its chunks and pushes its changes; replicas follow.
     pub(super) local_pending: usize,
+    /// Authors of those entries and the writers' merged fence, pushed with their change.
+    pub(super) pending_authors: std::collections::BTreeSet<String>,
+    pub(super) pending_fence: Option<Fence>,
 }
 
 /// A writer waiting for its entry to be durable on `quorum` replicas (this one included).
@@ -166,6 +191,8 @@ impl RoomDoc {
             pending_events: Vec::new(),
             pending_waiters: Vec::new(),
             local_pending: 0,
+            pending_authors: std::collections::BTreeSet::new(),
+            pending_fence: None,
         }
     }
 
@@ -374,6 +401,7 @@ impl Timelines {
         writes: Vec<(Vec<u8>, Vec<u8>)>,
         event: Event,
         quorum: u8,
+        fence: Option<Fence>,
     ) -> Result<oneshot::Receiver<Result<(), TimelineError>>, TimelineError> {
         let bytes = entry.encode_to_vec();
         rd.doc
@@ -384,6 +412,10 @@ impl Timelines {
         rd.pending_events.push((id, Arc::new(event)));
         rd.entries += 1;
         rd.local_pending += 1;
+        if let Some(a) = entry.kind.as_ref().map(author) {
+            rd.pending_authors.insert(a.to_owned());
+        }
+        rd.pending_fence = Fence::merge(rd.pending_fence, fence);
         self.wait_for_pending(room, rd, quorum)
     }
 
@@ -462,7 +494,7 @@ impl Timelines {
                 kind: Some(event::Kind::Message(msg)),
             };
             let quorum = m.write_quorum;
-            let rx = self.commit_entry(&m.room, rd, id, &entry, writes, event, quorum)?;
+            let rx = self.commit_entry(&m.room, rd, id, &entry, writes, event, quorum, m.fence)?;
             (rx, id)
         };
         let (rx, id) = rx;
@@ -505,6 +537,7 @@ impl Timelines {
         room: &RoomId,
         target: MessageId,
         quorum: u8,
+        fence: Option<Fence>,
         check: impl FnOnce(&Message, MessageId) -> Result<timeline_entry::Kind, TimelineError>,
     ) -> Result<Appended, TimelineError> {
         let slot = self.slot(room);
@@ -546,7 +579,7 @@ impl Timelines {
                 reason: "an amendment without content".into(),
             })?;
             (
-                self.commit_entry(room, rd, id, &entry, writes, event, quorum)?,
+                self.commit_entry(room, rd, id, &entry, writes, event, quorum, fence)?,
                 id,
             )
         };
@@ -566,8 +599,9 @@ impl Timelines {
         target: MessageId,
         text: String,
         quorum: u8,
+        fence: Option<Fence>,
     ) -> Result<Appended, TimelineError> {
-        self.amend(room, target, quorum, |msg, id| {
+        self.amend(room, target, quorum, fence, |msg, id| {
             if msg.sender != editor.as_str() {
                 return Err(TimelineError::PermissionDenied {
                     reason: "you can only edit your own messages".into(),
@@ -597,8 +631,9 @@ impl Timelines {
         is_admin: bool,
         target: MessageId,
         quorum: u8,
+        fence: Option<Fence>,
     ) -> Result<Appended, TimelineError> {
-        self.amend(room, target, quorum, |msg, id| {
+        self.amend(room, target, quorum, fence, |msg, id| {
             if msg.sender != by.as_str() && !is_admin {
                 return Err(TimelineError::PermissionDenied {
                     reason: "only the author or a room admin can delete a message".into(),
@@ -619,6 +654,7 @@ impl Timelines {
     }
 
     /// Adds or removes the user's reaction to a message.
+    #[allow(clippy::too_many_arguments)]
     pub async fn react(
         &self,
         room: &RoomId,
@@ -627,8 +663,9 @@ impl Timelines {
         emoji: String,
         remove: bool,
         quorum: u8,
+        fence: Option<Fence>,
     ) -> Result<Appended, TimelineError> {
-        self.amend(room, target, quorum, |msg, id| {
+        self.amend(room, target, quorum, fence, |msg, id| {
             if msg.deleted {
                 return Err(TimelineError::Precondition {
                     reason: format!("message {target} is deleted"),
@@ -838,6 +875,17 @@ pub(super) fn apply_amendment(msg: &mut Message, kind: &timeline_entry::Kind) {
 }
 
 /// The subscriber-facing event of a stored entry.
+/// The user who wrote an entry: a message's sender, an edit's editor, a delete's
+/// deleter, a reaction's reactor. Replicas check them against the room's membership.
+pub(super) fn author(kind: &timeline_entry::Kind) -> &str {
+    match kind {
+        timeline_entry::Kind::Message(m) => &m.sender,
+        timeline_entry::Kind::Edit(e) => &e.editor,
+        timeline_entry::Kind::Delete(d) => &d.by,
+        timeline_entry::Kind::Reaction(r) => &r.user,
+    }
+}
+
 pub(super) fn entry_event(room: &RoomId, entry: TimelineEntry) -> Option<Event> {
     let kind = match entry.kind? {
         timeline_entry::Kind::Message(m) => event::Kind::Message(m),
@@ -921,10 +969,14 @@ async fn commit_pipeline(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedR
                     &inner,
                     net,
                     &room,
-                    p.chunk,
-                    p.change,
-                    remote,
-                    flush_rx.clone(),
+                    super::remote::PushItem {
+                        chunk: p.chunk,
+                        change: p.change,
+                        waiters: remote,
+                        flushed: flush_rx.clone(),
+                        authors: p.authors,
+                        fence: p.fence,
+                    },
                 ),
                 _ => {
                     // Nobody to push to: only this replica holds it.
@@ -981,6 +1033,9 @@ struct Persisted {
     chunk: u32,
     change: Vec<u8>,
     waiters: Vec<Waiter>,
+    /// Authors of this node's entries in `change`, and their writers' merged fence.
+    authors: Vec<String>,
+    fence: Option<Fence>,
 }
 
 /// Writes a room's pending entries (one automerge change holding all of them, plus their
@@ -1012,6 +1067,10 @@ fn persist(inner: &Inner, room: &RoomId, rd: &mut RoomDoc) -> Result<Persisted, 
     }
     let events = std::mem::take(&mut rd.pending_events);
     let waiters = std::mem::take(&mut rd.pending_waiters);
+    let authors = std::mem::take(&mut rd.pending_authors)
+        .into_iter()
+        .collect();
+    let fence = rd.pending_fence.take();
     let local = std::mem::take(&mut rd.local_pending) > 0;
     if local && (rd.entries >= inner.limits.max_entries || rd.bytes >= inner.limits.max_bytes) {
         seal(t, room, rd)?;
@@ -1023,6 +1082,8 @@ fn persist(inner: &Inner, room: &RoomId, rd: &mut RoomDoc) -> Result<Persisted, 
         chunk,
         change: if local { change } else { Vec::new() },
         waiters,
+        authors,
+        fence,
     })
 }
 
@@ -1086,7 +1147,99 @@ mod tests {
             client_msg_id: cid.into(),
             after: None,
             write_quorum: 1,
+            fence: None,
         }
+    }
+
+    #[test]
+    fn merged_fence_keeps_the_older_term() {
+        let f = |term| Some(Fence { group: 3, term });
+        assert_eq!(Fence::merge(f(5), f(4)), f(4));
+        assert_eq!(Fence::merge(f(4), f(5)), f(4));
+        assert_eq!(Fence::merge(None, f(5)), f(5));
+        assert_eq!(Fence::merge(f(5), None), f(5));
+        assert_eq!(Fence::merge(None, None), None);
+    }
+
+    /// A peer that keeps every push it receives and acknowledges it as durable.
+    #[derive(Default)]
+    struct Recorder {
+        pushes: Mutex<Vec<parley_proto::v1::PushChangesRequest>>,
+    }
+
+    #[tonic::async_trait]
+    impl crate::replication::Network for Recorder {
+        fn peers_of(&self, _room: &RoomId) -> Vec<u64> {
+            vec![2]
+        }
+        fn local_rooms(&self) -> Vec<RoomId> {
+            Vec::new()
+        }
+        fn reachable_peers(&self, _room: &RoomId) -> usize {
+            1
+        }
+        async fn push(
+            &self,
+            _node: u64,
+            req: parley_proto::v1::PushChangesRequest,
+        ) -> Result<parley_proto::v1::PushChangesReply, String> {
+            self.pushes.lock().unwrap().push(req);
+            Ok(parley_proto::v1::PushChangesReply {
+                durable: true,
+                rejected: String::new(),
+            })
+        }
+        async fn sync(
+            &self,
+            _node: u64,
+            _req: parley_proto::v1::SyncRequest,
+        ) -> Result<parley_proto::v1::SyncReply, String> {
+            Err("not in this test".into())
+        }
+    }
+
+    #[tokio::test]
+    async fn pushes_name_the_authors_and_the_writers_fence() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, tl, _hub) = open(dir.path(), ChunkLimits::default()).await;
+        let rec = Arc::new(Recorder::default());
+        tl.set_network(1, rec.clone());
+        let r = room(9);
+        let fence = |term| Some(Fence { group: 4, term });
+        let a = tl
+            .send(NewMessage {
+                write_quorum: 2,
+                fence: fence(7),
+                ..msg(&r, "hello", "f1")
+            })
+            .await
+            .unwrap();
+        tl.react(&r, &user("bob"), a.id, "+1".into(), false, 2, fence(7))
+            .await
+            .unwrap();
+        let pushed = rec.pushes.lock().unwrap().clone();
+        assert!(!pushed.is_empty());
+        // Every push names its authors and its fence; together they name both writers.
+        let mut authors: Vec<String> = pushed.iter().flat_map(|p| p.authors.clone()).collect();
+        authors.sort();
+        authors.dedup();
+        assert_eq!(authors, vec!["alice".to_string(), "bob".to_string()]);
+        for p in &pushed {
+            assert_eq!((p.group, p.term), (4, Some(7)), "{p:?}");
+            assert!(!p.authors.is_empty());
+        }
+        // An unfenced write (W=1, no leader) pushes no term.
+        rec.pushes.lock().unwrap().clear();
+        tl.send(NewMessage {
+            write_quorum: 2,
+            ..msg(&r, "unfenced", "f2")
+        })
+        .await
+        .unwrap();
+        let pushed = rec.pushes.lock().unwrap().clone();
+        assert!(pushed
+            .iter()
+            .all(|p| p.term.is_none() && p.authors == ["alice"]));
     }
 
     #[tokio::test]
@@ -1178,28 +1331,33 @@ mod tests {
         let r = room(2);
         let a = tl.send(msg(&r, "hello", "")).await.unwrap();
         let err = tl
-            .edit(&r, &user("bob"), a.id, "hijack".into(), 1)
+            .edit(&r, &user("bob"), a.id, "hijack".into(), 1, None)
             .await
             .unwrap_err();
         assert!(matches!(err, TimelineError::PermissionDenied { .. }));
-        tl.edit(&r, &user("alice"), a.id, "hello!".into(), 1)
+        tl.edit(&r, &user("alice"), a.id, "hello!".into(), 1, None)
             .await
             .unwrap();
-        tl.react(&r, &user("bob"), a.id, "👍".into(), false, 1)
+        tl.react(&r, &user("bob"), a.id, "👍".into(), false, 1, None)
             .await
             .unwrap();
-        tl.react(&r, &user("carol"), a.id, "👍".into(), false, 1)
+        tl.react(&r, &user("carol"), a.id, "👍".into(), false, 1, None)
             .await
             .unwrap();
-        tl.react(&r, &user("bob"), a.id, "👍".into(), true, 1)
+        tl.react(&r, &user("bob"), a.id, "👍".into(), true, 1, None)
             .await
             .unwrap();
         let m = tl.get_message(&r, a.id).unwrap().unwrap();
         assert_eq!(m.text, "hello!");
         assert!(m.edited_at > 0);
         assert_eq!(m.reactions[0].users, vec!["carol".to_string()]);
-        assert!(tl.delete(&r, &user("bob"), false, a.id, 1).await.is_err());
-        tl.delete(&r, &user("bob"), true, a.id, 1).await.unwrap();
+        assert!(tl
+            .delete(&r, &user("bob"), false, a.id, 1, None)
+            .await
+            .is_err());
+        tl.delete(&r, &user("bob"), true, a.id, 1, None)
+            .await
+            .unwrap();
         let m = tl.get_message(&r, a.id).unwrap().unwrap();
         assert!(m.deleted && m.text.is_empty());
         let all = tl
@@ -1210,7 +1368,7 @@ mod tests {
         let after_first = tl.replay(&r, all[0].0, MessageId(u128::MAX), 100).unwrap();
         assert_eq!(after_first.len(), 5);
         assert!(tl
-            .edit(&r, &user("alice"), MessageId(7), "x".into(), 1)
+            .edit(&r, &user("alice"), MessageId(7), "x".into(), 1, None)
             .await
             .is_err());
     }
@@ -1321,9 +1479,17 @@ mod tests {
             let tl = tl.clone();
             let r = r.clone();
             tasks.push(tokio::spawn(async move {
-                tl.react(&r, &user(&format!("u{u}")), target, "+1".into(), false, 1)
-                    .await
-                    .unwrap()
+                tl.react(
+                    &r,
+                    &user(&format!("u{u}")),
+                    target,
+                    "+1".into(),
+                    false,
+                    1,
+                    None,
+                )
+                .await
+                .unwrap()
             }));
         }
         for t in tasks {

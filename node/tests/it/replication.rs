@@ -245,3 +245,128 @@ async fn messages_replicate_converge_and_resume_across_nodes() {
     .await
     .unwrap();
 }
+
+/// One message entry as a room's writer would put it into chunk 0: a fresh automerge
+/// actor, so the change depends on nothing and any replica can apply it.
+fn forged_change(room_id: &str, id: &str, sender: &str, text: &str) -> Vec<u8> {
+    use automerge::transaction::Transactable;
+    use prost::Message as _;
+    let entry = pb::TimelineEntry {
+        kind: Some(pb::timeline_entry::Kind::Message(pb::Message {
+            id: id.into(),
+            room_id: room_id.into(),
+            sender: sender.into(),
+            text: text.into(),
+            ..Default::default()
+        })),
+    };
+    let mut doc = automerge::AutoCommit::new();
+    doc.put(
+        automerge::ROOT,
+        id,
+        automerge::ScalarValue::Bytes(entry.encode_to_vec()),
+    )
+    .unwrap();
+    doc.save_incremental()
+}
+
+/// The fence where a write is acknowledged: a replica refuses (and applies nothing of) a
+/// push stamped with a term older than its own for the room's group, and a push naming
+/// a banned author; the same push, current and from a member, is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_refuse_pushes_from_a_stale_home_or_a_banned_author() {
+    let c = tokio::task::spawn_blocking(|| Cluster::start(3))
+        .await
+        .unwrap();
+    let alice = support::user(&c.nodes[0], "alice");
+    let bob = support::user(&c.nodes[1], "bob");
+    c.nodes[0]
+        .cli(Some(&alice), &["room", "create", "fenced"])
+        .ok();
+    c.nodes[1].cli(Some(&bob), &["room", "join", "fenced"]).ok();
+    let mut on_a = c.nodes[0].client(Some(&alice)).await;
+    let first = send(&mut on_a, "fenced", "before").await.expect("acked");
+    c.nodes[0]
+        .cli(Some(&alice), &["room", "ban", "fenced", "bob"])
+        .ok();
+
+    let room_id = on_a
+        .get_room(pb::GetRoomRequest {
+            room: "fenced".into(),
+            consistency: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    // The receiver: node 2 (index 1), whatever it is for the room's partition.
+    let receiver = &c.nodes[1];
+    let status = receiver
+        .client(None)
+        .await
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let group = parley_node::placement::Placement::new(status.partitions)
+        .of_room(&parley_node::ids::RoomId::parse(&room_id).unwrap())
+        .group()
+        .0;
+    let term = status
+        .groups
+        .iter()
+        .find(|g| g.group == group && g.local)
+        .map(|g| g.term)
+        .expect("the receiver holds the room's group");
+    assert!(term >= 1, "a leader was elected");
+
+    let base = u128::from_str_radix(&first, 16).unwrap();
+    let id = |k: u128| format!("{:032x}", base + k);
+    let mut peer =
+        pb::cluster_client::ClusterClient::connect(format!("http://{}", receiver.addr()))
+            .await
+            .unwrap();
+    let push = |sender: &str, text: &str, k: u128, term: u64| pb::PushChangesRequest {
+        room_id: room_id.clone(),
+        chunk: 0,
+        changes: vec![forged_change(&room_id, &id(k), sender, text)],
+        from_node: 1,
+        group,
+        term: Some(term),
+        authors: vec![sender.into()],
+    };
+    let texts = |node: &Node| -> Vec<String> {
+        support::history(node, &alice, "fenced")
+            .iter()
+            .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+
+    // A home from an older term: refused before anything is applied.
+    let err = peer
+        .push_changes(push("alice", "from a stale home", 1, term - 1))
+        .await
+        .expect_err("a stale term is refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("stale home"), "{err:?}");
+    assert!(!texts(receiver).contains(&"from a stale home".to_string()));
+
+    // A banned author: rejected, nothing applied.
+    let reply = peer
+        .push_changes(push("bob", "from a banned author", 2, term))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!reply.durable, "{reply:?}");
+    assert!(reply.rejected.contains("banned"), "{reply:?}");
+    assert!(!texts(receiver).contains(&"from a banned author".to_string()));
+
+    // The same push, current and from a member, is applied and durable.
+    let reply = peer
+        .push_changes(push("alice", "from the home", 3, term))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.durable, "{reply:?}");
+    assert!(texts(receiver).contains(&"from the home".to_string()));
+}

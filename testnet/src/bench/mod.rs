@@ -13,10 +13,17 @@
 //! - [`stats`]: histograms, per-second timeline, lost/duplicate check.
 //! - [`report`], [`svg`]: the table, JSON and chart.
 //!
+//! Two more modes share the cluster start-up and teardown:
+//! - [`clients`] (`--clients N`): N idle subscribed connections, node memory per
+//!   connection, connect times, and a delivery probe to every client.
+//! - [`sweep`] (`--sweep-senders`, `--sweep-write-quorum`): the load bench once per
+//!   value against one cluster, as a markdown table and one JSON document.
+//!
 //! Every phase is bounded: setup by per-step retry budgets, sending by `--duration`
 //! or `--messages` plus a safety bound, the drain by `--drain`, the whole run by
 //! `--timeout`. Nodes started here are stopped by PID on every path out.
 
+mod clients;
 mod load;
 mod payload;
 mod report;
@@ -24,6 +31,7 @@ mod schedule;
 pub(crate) mod setup;
 pub(crate) mod stats;
 mod svg;
+mod sweep;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -47,6 +55,25 @@ use report::{ConfigEcho, ProcReport, Report};
 use stats::{check_deliveries, merge_codes, new_hist, LatencySummary, SubscriberLog};
 
 #[derive(Args, Debug, Clone)]
+#[command(after_long_help = "\
+MODES
+  (default)   the load bench: --senders send into --rooms, subscribers time deliveries.
+  --clients N N idle subscribed connections, one HTTP/2 connection and user each, spread
+              over the nodes and over min(--rooms, N) rooms. Reports each node's RSS
+              before and after, memory per connection (summed node RSS growth / clients
+              connected), connect and connect+subscribe p50/p99, then sends
+              --probe-messages into every room and checks every client received them
+              (delivered/expected). Exit 1 unless all connected and all were delivered.
+  sweeps      --sweep-senders 1,16,64,256 and/or --sweep-write-quorum 1,2 run the load
+              bench once per value (the product of both lists, write quorum outermost)
+              against one cluster, each point with its own users and rooms. Prints a
+              markdown table (W, senders, acked/s, deliveries/s, p50/p99/max send to
+              delivery, errors, lost); --json writes {\"points\": [...]} with every report.
+
+EXAMPLES
+  testnet bench --clients 10000
+  testnet bench --sweep-senders 1,16,64,256 --duration 30s --json sweep-senders.json
+  testnet bench --sweep-write-quorum 1,2 --duration 30s --json sweep-w.json")]
 pub struct BenchArgs {
     /// gRPC addresses of running nodes (HOST:PORT,...). Without it a fresh cluster of
     /// `--nodes` nodes is started in a temporary directory and stopped at the end.
@@ -114,6 +141,45 @@ pub struct BenchArgs {
     /// Keep the started cluster's data directory.
     #[arg(long)]
     keep: bool,
+    /// Clients mode: open N idle subscribed connections instead of the load bench
+    /// (see MODES below).
+    #[arg(long, value_name = "N", conflicts_with_all = ["sweep_senders", "sweep_write_quorum", "plot", "messages", "rate"])]
+    clients: Option<usize>,
+    /// Clients mode: probe messages sent into each room once every client is subscribed.
+    #[arg(long, default_value_t = 2, value_name = "K")]
+    probe_messages: usize,
+    /// Run the load bench once per sender count (overrides --senders).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "N,...",
+        conflicts_with = "plot"
+    )]
+    sweep_senders: Vec<usize>,
+    /// Run the load bench once per write quorum (overrides --write-quorum).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "W,...",
+        conflicts_with = "plot"
+    )]
+    sweep_write_quorum: Vec<u32>,
+}
+
+/// What one invocation runs.
+#[derive(Debug, Clone, PartialEq)]
+enum Mode {
+    Load,
+    Clients(usize),
+    /// `(write quorum, senders)` per point.
+    Sweep(Vec<(u32, usize)>),
+}
+
+/// What one invocation produced.
+enum Outcome {
+    Load(Box<Report>),
+    Clients(Box<clients::ClientsReport>),
+    Sweep(sweep::SweepReport),
 }
 
 impl BenchArgs {
@@ -133,7 +199,35 @@ impl BenchArgs {
         if self.messages == Some(0) {
             bail!("--messages must be at least 1");
         }
+        if self.clients == Some(0) {
+            bail!("--clients must be at least 1");
+        }
+        if self
+            .sweep_senders
+            .iter()
+            .any(|s| *s == 0 || *s > u32::MAX as usize)
+        {
+            bail!("--sweep-senders values must be at least 1");
+        }
+        if self.sweep_write_quorum.contains(&0) {
+            bail!("--sweep-write-quorum values must be at least 1");
+        }
         Ok(())
+    }
+
+    fn mode(&self) -> Mode {
+        if let Some(n) = self.clients {
+            return Mode::Clients(n);
+        }
+        if self.sweep_senders.is_empty() && self.sweep_write_quorum.is_empty() {
+            return Mode::Load;
+        }
+        Mode::Sweep(sweep::plan(
+            &self.sweep_senders,
+            self.senders,
+            &self.sweep_write_quorum,
+            self.write_quorum,
+        ))
     }
 
     fn send_window(&self) -> Duration {
@@ -154,8 +248,18 @@ impl BenchArgs {
     }
 
     fn hard_timeout(&self) -> Duration {
-        self.timeout
-            .unwrap_or(Duration::from_secs(180) + self.send_bound() + self.drain + self.rpc_timeout)
+        let one = Duration::from_secs(180) + self.send_bound() + self.drain + self.rpc_timeout;
+        self.timeout.unwrap_or(match self.mode() {
+            Mode::Load => one,
+            Mode::Sweep(points) => one * points.len().max(1) as u32,
+            // Users, joins and connections take a few ms each on a loaded machine.
+            Mode::Clients(n) => {
+                Duration::from_secs(180)
+                    + Duration::from_millis(30) * n.min(1_000_000) as u32
+                    + self.drain
+                    + self.rpc_timeout
+            }
+        })
     }
 }
 
@@ -210,8 +314,9 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
 
     let hard = args.hard_timeout();
     let mut interrupted = false;
+    let nodes_started = started.as_ref().map_or(0, |r| r.layout.nodes.len());
     let outcome = tokio::select! {
-        r = tokio::time::timeout(hard, bench(&args, &targets, started.as_ref().map_or(0, |r| r.layout.nodes.len()), &watched)) => {
+        r = tokio::time::timeout(hard, execute(&args, &targets, nodes_started, &watched)) => {
             r.unwrap_or_else(|_| Err(anyhow!("hard timeout of {hard:?} reached (--timeout)")))
         }
         _ = tokio::signal::ctrl_c() => {
@@ -240,23 +345,87 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         }
     }
 
-    let report = outcome?;
-    println!("{}", report.table());
+    let (json, passed) = match outcome? {
+        Outcome::Load(report) => {
+            println!("{}", report.table());
+            if let Some(path) = &args.plot {
+                std::fs::write(path, report.plot())
+                    .with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("wrote {}", path.display());
+            }
+            (serde_json::to_string_pretty(&report)?, true)
+        }
+        Outcome::Clients(report) => {
+            println!("{}", report.table());
+            (serde_json::to_string_pretty(&report)?, report.passed())
+        }
+        Outcome::Sweep(report) => {
+            println!("{}", sweep::table(&report.points));
+            let ok = report.points.iter().all(|p| p.error.is_none());
+            (serde_json::to_string_pretty(&report)?, ok)
+        }
+    };
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
-    if let Some(path) = &args.plot {
-        std::fs::write(path, report.plot())
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(if node_died {
+    Ok(if node_died || !passed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Runs what `args` asks for against `targets`.
+async fn execute(
+    args: &BenchArgs,
+    targets: &[SocketAddr],
+    nodes_started: usize,
+    watched: &[(String, u32)],
+) -> Result<Outcome> {
+    match args.mode() {
+        Mode::Load => Ok(Outcome::Load(Box::new(
+            bench(args, targets, nodes_started, watched).await?,
+        ))),
+        Mode::Clients(n) => Ok(Outcome::Clients(Box::new(
+            clients::run(args, n, targets, nodes_started > 0, watched).await?,
+        ))),
+        Mode::Sweep(plan) => {
+            let mut points = Vec::with_capacity(plan.len());
+            for (i, (w, senders)) in plan.iter().copied().enumerate() {
+                eprintln!(
+                    "== sweep point {}/{}: senders {senders}, W={} ==",
+                    i + 1,
+                    plan.len(),
+                    if w == 0 {
+                        "default".to_string()
+                    } else {
+                        w.to_string()
+                    }
+                );
+                let mut one = args.clone();
+                one.senders = senders;
+                one.write_quorum = (w > 0).then_some(w);
+                let (report, error) = match bench(&one, targets, nodes_started, watched).await {
+                    Ok(r) => {
+                        eprintln!("{}", r.table());
+                        (Some(r), None)
+                    }
+                    Err(e) => {
+                        eprintln!("sweep point failed: {e:#}");
+                        (None, Some(format!("{e:#}")))
+                    }
+                };
+                points.push(sweep::SweepPoint {
+                    senders,
+                    write_quorum: w,
+                    report,
+                    error,
+                });
+            }
+            Ok(Outcome::Sweep(sweep::SweepReport { points }))
+        }
+    }
 }
 
 /// Nodes in the cluster behind `addr` (ClusterStatus), 1 if it does not say.
@@ -618,4 +787,65 @@ async fn bench(
         ),
         timeline: timeline.points(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied())).map(|c| c.bench)
+    }
+
+    #[test]
+    fn plain_bench_is_the_load_mode() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.mode(), Mode::Load);
+        a.validate().unwrap();
+    }
+
+    #[test]
+    fn sweeps_parse_as_lists_and_override_the_plain_flags() {
+        let a = parse(&["--sweep-senders", "1,16", "--sweep-write-quorum", "1,2"]).unwrap();
+        assert_eq!(a.sweep_senders, vec![1, 16]);
+        assert_eq!(
+            a.mode(),
+            Mode::Sweep(vec![(1, 1), (1, 16), (2, 1), (2, 16)])
+        );
+        let a = parse(&["--sweep-senders", "4,8", "--write-quorum", "2"]).unwrap();
+        assert_eq!(a.mode(), Mode::Sweep(vec![(2, 4), (2, 8)]));
+        // Each point gets the whole send phase, so the hard cap scales with the points.
+        assert_eq!(
+            a.hard_timeout(),
+            parse(&["--write-quorum", "2"]).unwrap().hard_timeout() * 2
+        );
+    }
+
+    #[test]
+    fn clients_mode_and_its_conflicts() {
+        let a = parse(&["--clients", "200", "--rooms", "10"]).unwrap();
+        assert_eq!(a.mode(), Mode::Clients(200));
+        assert_eq!(a.probe_messages, 2);
+        assert!(parse(&["--clients", "10", "--sweep-senders", "1"]).is_err());
+        assert!(parse(&["--clients", "10", "--plot", "x.svg"]).is_err());
+        assert!(parse(&["--sweep-senders", "1", "--plot", "x.svg"]).is_err());
+        assert!(parse(&["--clients", "0"]).unwrap().validate().is_err());
+        assert!(parse(&["--sweep-senders", "0,4"])
+            .unwrap()
+            .validate()
+            .is_err());
+        assert!(parse(&["--sweep-write-quorum", "0"])
+            .unwrap()
+            .validate()
+            .is_err());
+        assert!(parse(&["--sweep-senders", "x"]).is_err());
+    }
 }

@@ -118,6 +118,96 @@ async fn open_loop_bench_keeps_the_rate() {
     assert_eq!(r["config"]["rate"], 500.0);
 }
 
+/// Runs `testnet bench --target ADDR ARGS... --json OUT` (no chart), bounded; returns
+/// stdout and the JSON.
+async fn bench_json(addr: std::net::SocketAddr, dir: &Path, extra: &[&str]) -> (String, Value) {
+    let json = dir.join("bench.json");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_testnet"))
+        .arg("bench")
+        .arg("--target")
+        .arg(addr.to_string())
+        .args(extra)
+        .arg("--json")
+        .arg(&json)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(90), out)
+        .await
+        .expect("bench finished within 90s")
+        .expect("bench ran");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed\n{stdout}\n{stderr}");
+    println!("{stdout}"); // shown with --nocapture
+    let v = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (stdout, v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_mode_connects_everyone_and_delivers_to_all() {
+    let addr = mock::serve().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (stdout, r) = bench_json(
+        addr,
+        dir.path(),
+        &["--clients", "50", "--rooms", "5", "--probe-messages", "2"],
+    )
+    .await;
+    assert!(
+        stdout.contains("RESULT clients=50 connected=50"),
+        "{stdout}"
+    );
+    assert_eq!(r["connected"], 50);
+    assert_eq!(r["failed"], 0);
+    assert_eq!(r["config"]["rooms"], 5);
+    assert_eq!(r["probe_acked"], 10);
+    // 2 probes x 5 rooms, each room with 10 clients.
+    let check = &r["delivery_check"];
+    assert_eq!(check["expected"], 100);
+    assert_eq!(check["delivered"], 100);
+    assert_eq!(check["lost"], 0);
+    assert_eq!(r["connect_subscribe_latency"]["count"], 50);
+    // No node PIDs with --target: no per-connection node memory, the client side only.
+    assert!(r["node_kib_per_connection"].is_null());
+    assert!(r["client_kib_per_connection"].as_f64().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_runs_once_per_value_and_prints_a_table() {
+    let addr = mock::serve().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (stdout, r) = bench_json(
+        addr,
+        dir.path(),
+        &[
+            "--sweep-senders",
+            "1,4",
+            "--rooms",
+            "3",
+            "--subscribers-per-room",
+            "1",
+            "--messages",
+            "200",
+            "--drain",
+            "2s",
+        ],
+    )
+    .await;
+    assert!(stdout.starts_with("| W | senders | acked/s"), "{stdout}");
+    assert!(stdout.contains("| default | 1 |"), "{stdout}");
+    assert!(stdout.contains("| default | 4 |"), "{stdout}");
+    let points = r["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2);
+    for (p, senders) in points.iter().zip([1, 4]) {
+        assert_eq!(p["senders"], senders);
+        assert_eq!(p["report"]["acked"], 200);
+        assert_eq!(p["report"]["config"]["senders"], senders);
+        assert_eq!(p["report"]["delivery_check"]["lost"], 0);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_parley_binary_is_a_clear_error() {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_testnet"))
