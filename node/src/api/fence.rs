@@ -29,6 +29,9 @@ use crate::consensus::state::RoomRecord;
 use crate::ids::{RoomId, UserId};
 use crate::replication::Fence;
 
+/// How long a write waits for its home to renew a lapsed lease (one heartbeat round).
+const LEASE_RENEWAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Why a replica refuses a pushed change. Nothing of the change was applied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -47,9 +50,15 @@ pub enum Refusal {
 /// and this node's term, while it is the room's home within its lease. Not the home (or
 /// out of lease): `W = 1` writes go on unfenced (DESIGN §4); others are refused
 /// UNAVAILABLE before anything is written, and a retry finds the current home.
-pub(super) fn stamp(ctx: &Ctx, room: &RoomRecord, w: u8) -> ApiResult<Option<Fence>> {
+pub(super) async fn stamp(ctx: &Ctx, room: &RoomRecord, w: u8) -> ApiResult<Option<Fence>> {
     let p = ctx.placement.of_room(&room.id);
-    match ctx.groups.home_lease(p) {
+    let mut lease = ctx.groups.home_lease(p);
+    if matches!(&lease, Err(why) if why.contains("lease ran out"))
+        && ctx.groups.renew_lease(p, LEASE_RENEWAL).await
+    {
+        lease = ctx.groups.home_lease(p);
+    }
+    match lease {
         Ok(term) => Ok(Some(Fence {
             group: p.group().0,
             term,

@@ -53,7 +53,7 @@ async fn append(
         }
     }
     // The fence first, then the membership check it covers (see fence.rs).
-    let fence = fence::stamp(ctx, room, w)?;
+    let fence = fence::stamp(ctx, room, w).await?;
     ctx.require_member(room, user).await?;
     check_reachable(ctx, room, w)?;
     let appended = ctx
@@ -180,7 +180,7 @@ pub(super) async fn edit(
     if let Route::Forward(mut home) = route(ctx, &room, md, w)? {
         return relay(home.edit_message(forwarded(req, md)).await);
     }
-    let fence = fence::stamp(ctx, &room, w)?;
+    let fence = fence::stamp(ctx, &room, w).await?;
     ctx.require_member(&room, user).await?;
     check_reachable(ctx, &room, w)?;
     Ok(ack(ctx
@@ -202,7 +202,7 @@ pub(super) async fn delete(
     if let Route::Forward(mut home) = route(ctx, &room, md, w)? {
         return relay(home.delete_message(forwarded(req, md)).await);
     }
-    let fence = fence::stamp(ctx, &room, w)?;
+    let fence = fence::stamp(ctx, &room, w).await?;
     let me = ctx.require_member(&room, user).await?;
     check_reachable(ctx, &room, w)?;
     Ok(ack(ctx
@@ -230,7 +230,7 @@ pub(super) async fn react(
     if let Route::Forward(mut home) = route(ctx, &room, md, w)? {
         return relay(home.react(forwarded(req, md)).await);
     }
-    let fence = fence::stamp(ctx, &room, w)?;
+    let fence = fence::stamp(ctx, &room, w).await?;
     ctx.require_member(&room, user).await?;
     check_reachable(ctx, &room, w)?;
     Ok(ack(ctx
