@@ -145,7 +145,7 @@ async fn cmd_run(a: RunArgs) -> Result<bool> {
             think: a.think,
             ..Shape::default()
         },
-        presence_ttl_s: 6,
+        presence_ttl_s: 3,
         partitions: 8,
         progress: !a.quiet_progress,
         election_timeout_ms: 600,

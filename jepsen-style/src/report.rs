@@ -101,7 +101,7 @@ pub fn recheck(path: &Path) -> Result<bool> {
         path.to_path_buf()
     };
     let events = history::read(&file)?;
-    let verdicts = checker::check_all(&events, &checker_config(600, 6, 30_000));
+    let verdicts = checker::check_all(&events, &checker_config(600, 3, 30_000));
     let mut text = ops_table(&events);
     text.push('\n');
     text.push_str(&checker::render_text(&verdicts));

@@ -280,7 +280,8 @@ pub async fn read_all(
     room_id: &str,
 ) -> Result<Vec<Msg>, tonic::Status> {
     let mut out = Vec::new();
-    let mut after = String::new();
+    // From the very start: an empty `after` would select the newest page instead.
+    let mut after = "0".repeat(32);
     for _ in 0..200 {
         let resp = c
             .history(authed(

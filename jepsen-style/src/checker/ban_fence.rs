@@ -6,7 +6,8 @@
 //! after the ban (ok or indeterminate, completed after the ban's ok) is invoked — from
 //! the ban's ok on if that unban was already running. A `kick` fence lasts likewise
 //! until the user's next `join` that may have taken effect. A `send` of the user to
-//! the room invoked inside a fence is:
+//! the room that lies wholly inside a fence (invoked after it opened, and answered
+//! before it closed; one never answered counts as running until the end) is:
 //! - "accepted after ban" / "accepted after kick" if it completed `ok`;
 //! - "appeared after ban" / "appeared after kick" (whatever its completion) if its text
 //!   is in any final read.
@@ -17,7 +18,7 @@ use serde_json::json;
 
 use super::set_full::final_reads;
 use super::{calls, verdict, Anomaly, Call, Config, Verdict};
-use crate::history::{Event, Op};
+use crate::history::{Event, Op, Type};
 
 const NAME: &str = "ban_fence";
 
@@ -98,8 +99,23 @@ pub fn check(history: &[Event], _cfg: &Config) -> Verdict {
     for ((room, user), fs) in &fences {
         for (s, text) in sends.get(&(*room, *user)).map_or(&[][..], |v| v.as_slice()) {
             let at = s.inv_index();
-            // The fence that explains it best: the earliest open one.
-            let Some(f) = fs.iter().find(|f| f.from < at && at < f.until) else {
+            // When the send can have taken effect at the latest: by its completion if
+            // the node answered (ok, a refusal, or DEADLINE_EXCEEDED: written before the
+            // answer); at any later time if the answer never came.
+            let latest = match s.done {
+                Some(d)
+                    if d.kind != Type::Info || d.error.as_deref() == Some("DEADLINE_EXCEEDED") =>
+                {
+                    d.index
+                }
+                _ => u64::MAX,
+            };
+            // Fenced only if it lies wholly inside a fence: a send still running when
+            // the unban (re-join) began may have taken effect after it.
+            let Some(f) = fs
+                .iter()
+                .find(|f| f.from < at && (f.until == u64::MAX || latest < f.until))
+            else {
                 continue;
             };
             fenced_sends += 1;
@@ -205,6 +221,41 @@ mod tests {
         let v = run(&h);
         assert!(!v.valid);
         assert_eq!(v.anomalies.len(), 1);
+        assert_eq!(v.anomalies[0].kind, "appeared after kick");
+    }
+
+    #[test]
+    fn a_send_still_running_when_the_user_rejoins_may_appear() {
+        // Seen in a run: kick acked; the user's send starts; the re-join starts and
+        // completes while the send runs; the send times out and shows up. It may have
+        // been applied after the join: no anomaly. The same send answered before the
+        // re-join began is one.
+        let mut h = H::new();
+        h.call(9, "n1", H::kick("r", "u1"), H::kick("r", "u1"));
+        h.invoke(1, "n2", H::send("r", "u1", "late", None));
+        h.call(9, "n1", H::join("r", "u1"), H::join("r", "u1"));
+        h.info(
+            1,
+            "n2",
+            H::send("r", "u1", "late", None),
+            "DEADLINE_EXCEEDED",
+        );
+        h.final_read(8, "n1", "r", vec![H::msg("03", "u1", "late")]);
+        assert!(run(&h).valid);
+
+        let mut h = H::new();
+        h.call(9, "n1", H::kick("r", "u1"), H::kick("r", "u1"));
+        h.invoke(1, "n2", H::send("r", "u1", "late", None));
+        h.info(
+            1,
+            "n2",
+            H::send("r", "u1", "late", None),
+            "DEADLINE_EXCEEDED",
+        );
+        h.call(9, "n1", H::join("r", "u1"), H::join("r", "u1"));
+        h.final_read(8, "n1", "r", vec![H::msg("03", "u1", "late")]);
+        let v = run(&h);
+        assert!(!v.valid);
         assert_eq!(v.anomalies[0].kind, "appeared after kick");
     }
 

@@ -194,7 +194,9 @@ pub fn outcome_of(done: Option<&Event>) -> Outcome {
         Type::Ok => Outcome::Ok,
         Type::Info | Type::Invoke => Outcome::Unknown,
         Type::Fail => match e.error.as_deref() {
-            Some("UNAVAILABLE") => Outcome::NotHappened,
+            // UNAVAILABLE: the node wrote nothing. CONNECT: the harness could not open
+            // a connection, so the request was never sent.
+            Some("UNAVAILABLE") | Some("CONNECT") => Outcome::NotHappened,
             Some(code) if REFUSAL_CODES.contains(&code) => Outcome::Refused(code.to_string()),
             _ => Outcome::Unknown,
         },

@@ -45,7 +45,7 @@ fn kills<'a>(cs: &[Call<'a>]) -> Vec<Kill<'a>> {
         else {
             continue;
         };
-        if fault != "kill" {
+        if fault != "kill" && !fault.starts_with("kill-") {
             continue;
         }
         if *start {
