@@ -93,7 +93,7 @@ fn write_folder(
     Ok(())
 }
 
-/// `jepsen check DIR|FILE`: re-checks with the default settings.
+/// `jepsen check DIR|FILE`: checks a recorded history again with the run's settings.
 pub fn recheck(path: &Path) -> Result<bool> {
     let file = if path.is_dir() {
         path.join("history.jsonl")
@@ -102,11 +102,31 @@ pub fn recheck(path: &Path) -> Result<bool> {
     };
     let events = history::read(&file)?;
     let verdicts = checker::check_all(&events, &checker_config(600, 3, 30_000));
-    let mut text = ops_table(&events);
+    let valid = verdicts.iter().all(|v| v.valid);
+    let mut text = format!(
+        "Parley jepsen history {} ({} events), checked again\n\n",
+        file.display(),
+        events.len()
+    );
+    text.push_str(&ops_table(&events));
     text.push('\n');
     text.push_str(&checker::render_text(&verdicts));
+    let _ = writeln!(
+        text,
+        "\n{}",
+        if valid {
+            "VALID: no anomaly found"
+        } else {
+            "INVALID: see above"
+        }
+    );
+    // A results folder gets its summary, JSON and plots (re)written: this finishes a
+    // run whose own check was interrupted.
+    if path.is_dir() {
+        write_folder(path, &events, &verdicts, &text, &[])?;
+    }
     print!("{text}");
-    Ok(verdicts.iter().all(|v| v.valid))
+    Ok(valid)
 }
 
 fn op_counts(events: &[Event]) -> BTreeMap<String, BTreeMap<&'static str, u64>> {

@@ -344,7 +344,7 @@ pub async fn writer(mut ctx: Ctx, p: u64, user: String, node: usize, seed: u64) 
     while !ctx.stopped() {
         let room = ctx.world.chat_rooms[rng.gen_range(0..ctx.world.chat_rooms.len())].clone();
         let room_id = ctx.world.room(&room)?;
-        if rng.gen_ratio(1, 25) {
+        if rng.gen_ratio(1, 100) {
             let op = Op::Read {
                 room: room.clone(),
                 messages: None,

@@ -15,7 +15,7 @@
 //! Valid iff nothing is lost, unexpected, failed-yet-present or duplicated, and every
 //! room that had sends has at least one final read ("nothing to check" otherwise).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::json;
 
@@ -223,20 +223,29 @@ pub fn check(history: &[Event], _cfg: &Config) -> Verdict {
             stale_misses += missed;
         }
     }
+    // Stable latency: the first read completing after the ack that contains the
+    // message. One pass over the reads in completion order (reads can hold whole rooms).
+    let acked_by_text: HashMap<&str, &Send<'_>> = acked.iter().map(|(t, s)| (*t, *s)).collect();
+    let mut by_done: Vec<&Read<'_>> = reads.iter().collect();
+    by_done.sort_by_key(|r| r.call.done_index());
+    let mut first_seen: HashMap<&str, u64> = HashMap::new();
+    for r in &by_done {
+        for m in r.messages.iter() {
+            if first_seen.contains_key(m.text.as_str()) {
+                continue;
+            }
+            if let Some(s) = acked_by_text.get(m.text.as_str()) {
+                if s.room == r.room && r.call.done_index() > s.call.done_index() {
+                    first_seen.insert(m.text.as_str(), r.call.done_time());
+                }
+            }
+        }
+    }
     let mut latencies: Vec<u64> = Vec::new();
     let mut never_read = 0usize;
     for (text, s) in &acked {
         let ack = s.call.done_time();
-        let first = reads
-            .iter()
-            .filter(|r| {
-                r.room == s.room
-                    && r.call.done_index() > s.call.done_index()
-                    && r.messages.iter().any(|m| m.text == *text)
-            })
-            .map(|r| r.call.done_time())
-            .min();
-        match first {
+        match first_seen.get(text) {
             Some(t) => latencies.push(t.saturating_sub(ack) / 1_000_000),
             None => never_read += 1,
         }
