@@ -542,7 +542,7 @@ async fn drive(
             cfg.convergence_bound * 2
         ));
     }
-    workload::final_reads(
+    let finals = workload::final_reads(
         rec,
         FINAL_PROCESS,
         &targets,
@@ -552,9 +552,6 @@ async fn drive(
     .await?;
 
     // Let the subscribers catch up to the final timelines (bounded), then stop them.
-    let finals = workload::probe(&targets, &world, Duration::from_secs(10))
-        .await
-        .unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         let done = seen.lock().map(|s| {

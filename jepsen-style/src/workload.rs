@@ -332,6 +332,50 @@ fn complete<T>(
     }
 }
 
+/// Where a recorded send goes and as whom.
+struct SendTo<'a> {
+    room: &'a str,
+    room_id: &'a str,
+    user: &'a str,
+    token: &'a str,
+}
+
+/// Sends the process's `n`th message (text `<room>-p<p>-<n>`, idempotency key
+/// `p<p>-<n>`) and records it; returns the id when acknowledged.
+async fn send_recorded(
+    ctx: &Ctx,
+    c: &mut ChatClient<Channel>,
+    p: u64,
+    node: &str,
+    to: SendTo<'_>,
+    n: u64,
+    after: String,
+) -> Option<String> {
+    let text = format!("{}-p{p}-{n}", to.room);
+    let op = |id: Option<String>| Op::Send {
+        room: to.room.to_string(),
+        user: to.user.to_string(),
+        text: text.clone(),
+        id,
+    };
+    ctx.rec.invoke(p, node, op(None));
+    let r = c
+        .send_message(authed(
+            SendMessageRequest {
+                room: to.room_id.to_string(),
+                text: text.clone().into_bytes(),
+                client_msg_id: format!("p{p}-{n}"),
+                after,
+            },
+            to.token,
+        ))
+        .await
+        .map(|r| r.into_inner().id);
+    let id = r.as_ref().ok().cloned();
+    complete(&ctx.rec, p, node, op(None), r, |id| op(Some(id)));
+    id
+}
+
 /// A writer: sends unique texts round-robin over the chat rooms.
 pub async fn writer(mut ctx: Ctx, p: u64, user: String, node: usize, seed: u64) -> Result<()> {
     let t = ctx.targets[node].clone();
@@ -357,42 +401,23 @@ pub async fn writer(mut ctx: Ctx, p: u64, user: String, node: usize, seed: u64) 
             });
         } else {
             n += 1;
-            let text = format!("{room}-p{p}-{n}");
-            let op = Op::Send {
-                room: room.clone(),
-                user: user.clone(),
-                text: text.clone(),
-                id: None,
+            let after = last.get(&room).cloned().unwrap_or_default();
+            let target = SendTo {
+                room: &room,
+                room_id: &room_id,
+                user: &user,
+                token: &token,
             };
-            ctx.rec.invoke(p, &t.name, op.clone());
-            let r = c
-                .send_message(authed(
-                    SendMessageRequest {
-                        room: room_id.clone(),
-                        text: text.clone().into_bytes(),
-                        client_msg_id: format!("p{p}-{n}"),
-                        after: last.get(&room).cloned().unwrap_or_default(),
-                    },
-                    &token,
-                ))
-                .await
-                .map(|r| r.into_inner());
-            if let Ok(resp) = &r {
-                last.insert(room.clone(), resp.id.clone());
+            if let Some(id) = send_recorded(&ctx, &mut c, p, &t.name, target, n, after).await {
+                last.insert(room.clone(), id.clone());
                 if let Ok(mut a) = ctx.acked.lock() {
                     let v = a.entry(room.clone()).or_default();
-                    v.push(resp.id.clone());
+                    v.push(id);
                     if v.len() > 200 {
                         v.drain(..100);
                     }
                 }
             }
-            complete(&ctx.rec, p, &t.name, op, r, |resp| Op::Send {
-                room: room.clone(),
-                user: user.clone(),
-                text: text.clone(),
-                id: Some(resp.id),
-            });
         }
         let think = ctx.shape.think;
         ctx.pause(think).await;
@@ -692,32 +717,13 @@ pub async fn fenced_sender(mut ctx: Ctx, p: u64, node: usize) -> Result<()> {
     let mut n = 0u64;
     while !ctx.stopped() {
         n += 1;
-        let text = format!("{room}-p{p}-{n}");
-        let op = Op::Send {
-            room: room.clone(),
-            user: user.clone(),
-            text: text.clone(),
-            id: None,
+        let target = SendTo {
+            room: &room,
+            room_id: &room_id,
+            user: &user,
+            token: &token,
         };
-        ctx.rec.invoke(p, &t.name, op.clone());
-        let r = c
-            .send_message(authed(
-                SendMessageRequest {
-                    room: room_id.clone(),
-                    text: text.clone().into_bytes(),
-                    client_msg_id: format!("p{p}-{n}"),
-                    after: String::new(),
-                },
-                &token,
-            ))
-            .await
-            .map(|r| r.into_inner());
-        complete(&ctx.rec, p, &t.name, op, r, |resp| Op::Send {
-            room: room.clone(),
-            user: user.clone(),
-            text: text.clone(),
-            id: Some(resp.id),
-        });
+        send_recorded(&ctx, &mut c, p, &t.name, target, n, String::new()).await;
         ctx.pause(Duration::from_millis(15)).await;
         if ctx.rec.last_failed(p) {
             ctx.pause(Duration::from_millis(200)).await;
@@ -938,15 +944,17 @@ pub async fn probe(
     Ok(out)
 }
 
-/// The final reads, recorded: every timeline room from every node.
+/// The final reads, recorded: every timeline room from every node. Returns the
+/// reads that succeeded, by (node, room).
 pub async fn final_reads(
     rec: &Recorder,
     p: u64,
     targets: &[Target],
     world: &World,
     timeout: Duration,
-) -> Result<()> {
+) -> Result<BTreeMap<(String, String), Vec<Msg>>> {
     let token = world.token(ADMIN)?;
+    let mut out = BTreeMap::new();
     for t in targets {
         let mut c = client(t, timeout)?;
         for room in world.timeline_rooms() {
@@ -957,11 +965,14 @@ pub async fn final_reads(
             };
             rec.invoke(p, &t.name, op.clone());
             let r = read_all(&mut c, &token, &id).await;
+            if let Ok(m) = &r {
+                out.insert((t.name.clone(), room.clone()), m.clone());
+            }
             complete(rec, p, &t.name, op, r, |m| Op::FinalRead {
                 room: room.clone(),
                 messages: Some(m),
             });
         }
     }
-    Ok(())
+    Ok(out)
 }

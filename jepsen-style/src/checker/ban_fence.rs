@@ -68,29 +68,20 @@ pub fn check(history: &[Event], _cfg: &Config) -> Verdict {
         .flat_map(|r| r.messages.iter().map(|m| m.text.as_str()))
         .collect();
 
+    // A ban is lifted by an unban, a kick by the user's next join.
     let mut fences: BTreeMap<Key<'_>, Vec<Fence<'_>>> = BTreeMap::new();
-    for (key, list) in &bans {
-        let lifts = unbans.get(key).map_or(&[][..], |v| v.as_slice());
-        for b in list {
-            let from = b.done_index();
-            fences.entry(*key).or_default().push(Fence {
-                why: "ban",
-                call: *b,
-                from,
-                until: fence_end(from, lifts),
-            });
-        }
-    }
-    for (key, list) in &kicks {
-        let lifts = joins.get(key).map_or(&[][..], |v| v.as_slice());
-        for k in list {
-            let from = k.done_index();
-            fences.entry(*key).or_default().push(Fence {
-                why: "kick",
-                call: *k,
-                from,
-                until: fence_end(from, lifts),
-            });
+    for (why, opened, lifted) in [("ban", &bans, &unbans), ("kick", &kicks, &joins)] {
+        for (key, list) in opened {
+            let lifts = lifted.get(key).map_or(&[][..], |v| v.as_slice());
+            for call in list {
+                let from = call.done_index();
+                fences.entry(*key).or_default().push(Fence {
+                    why,
+                    call: *call,
+                    from,
+                    until: fence_end(from, lifts),
+                });
+            }
         }
     }
 
