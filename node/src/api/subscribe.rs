@@ -100,15 +100,16 @@ impl RoomPos {
     }
 }
 
-/// This node's entries of `room` in `(after, upto]` (bounded pages).
-fn ids_between(
+/// This node's entries of `room` in the resume window before `at`,
+/// `(window_floor(at), at]` (bounded pages), and their digest.
+fn window_before(
     ctx: &Ctx,
     room: &RoomId,
-    after: MessageId,
-    upto: MessageId,
-) -> Result<Vec<MessageId>, ApiError> {
+    at: MessageId,
+) -> Result<(Vec<MessageId>, WindowDigest), ApiError> {
+    let upto = at;
     let mut out = Vec::new();
-    let mut from = after;
+    let mut from = window_floor(at);
     for _ in 0..10_000 {
         let page = ctx.timelines.replay(room, from, upto, REPLAY_PAGE)?;
         let n = page.len();
@@ -118,7 +119,11 @@ fn ids_between(
             _ => break,
         }
     }
-    Ok(out)
+    let mut digest = WindowDigest::default();
+    for id in &out {
+        digest.add(*id);
+    }
+    Ok((out, digest))
 }
 
 pub(super) async fn subscribe(
@@ -166,11 +171,7 @@ pub(super) async fn subscribe(
                 for attempt in 0..RESUME_WAIT_STEPS {
                     let wm = ctx.hub.watermark(&room.id).unwrap_or(MessageId::MIN);
                     if c.id <= wm {
-                        let here = ids_between(&ctx, &room.id, window_floor(c.id), c.id)?;
-                        let mut digest = WindowDigest::default();
-                        for id in &here {
-                            digest.add(*id);
-                        }
+                        let (here, digest) = window_before(&ctx, &room.id, c.id)?;
                         if c.window == Some(digest) {
                             exact_ids = Some(here);
                             break;
@@ -222,15 +223,7 @@ pub(super) async fn subscribe(
                 // A new stream starts at the watermark: the client is deemed to have
                 // what came before, so the window digest starts from this node's
                 // entries there.
-                let here = if watermark > MessageId::MIN {
-                    ids_between(&ctx, &room.id, window_floor(watermark), watermark)?
-                } else {
-                    Vec::new()
-                };
-                let mut digest = WindowDigest::default();
-                for id in &here {
-                    digest.add(*id);
-                }
+                let (here, digest) = window_before(&ctx, &room.id, watermark)?;
                 RoomPos {
                     last: watermark,
                     sent: here.into_iter().collect(),

@@ -19,8 +19,8 @@ use parley_proto::v1 as pb;
 
 use crate::support::{all_messages, Node};
 
-/// Starts a node with the crash point armed, makes it hit the point through `work`,
-/// restarts it without, and returns it.
+/// Starts a node with the crash point `point` armed (`arm` in fail crate syntax); the
+/// FAILPOINTS variable applies to this start only, so a restart runs without it.
 fn crashed_node(extra: &[&str], point: &str, arm: &str) -> Node {
     let spec = format!("{point}={arm}");
     Node::start_with(extra, &[("FAILPOINTS", spec.as_str())])
