@@ -153,8 +153,17 @@ impl Ctx {
         };
         let mut found = self.groups.read(p, look);
         if found.0.is_none() {
-            if let Ok(strong) = self.groups.read_strong(p, look).await {
-                found = strong;
+            match self.groups.read_strong(p, look).await {
+                Ok(strong) => found = strong,
+                // Not known here, and the partition cannot confirm it now (a node just
+                // restarted, a minority side): say so rather than "not a member".
+                Err(e) if !found.1 => {
+                    return Err(ApiError::Unavailable(format!(
+                        "cannot confirm your membership of {} now: {e}",
+                        room.name
+                    )))
+                }
+                Err(_) => {}
             }
         }
         match found {

@@ -12,12 +12,21 @@
 //! the ids it sent). A cursor names the newest id its stream sent, and the node a client
 //! resumes on may hold entries older than that which the old node did not have. So a
 //! cursor also carries a digest of the ids its stream sent in the window
-//! ([`RESUME_WINDOW_MS`]) before its position: a node holding exactly those entries
+//! ([`crate::delivery::RESUME_WINDOW_MS`]) before its position: a node holding exactly those entries
 //! there resumes exactly after the position (no gap, no duplicate); one holding others
 //! replays the whole window as well, and the client drops the ids it already showed
 //! (DESIGN §3: at least once, shown once). Within one stream every entry is sent once.
 //! An entry arriving more than the window behind a cursor is not replayed on resume
 //! (history still has it).
+//!
+//! A node that was down or cut off may lack entries far older than the window (written
+//! meanwhile on the other replicas), yet still deliver newer ones (its own, or pushed).
+//! So a stream's cursors move only while the node is caught up in the room
+//! (`Timelines::caught_up`: a recent completed anti-entropy exchange). While it is not,
+//! events carry the position last vouched for; once it is caught up again the stream
+//! first replays from that position's window, sending the entries it gained, and only
+//! then moves the cursor on. A resume on a node not caught up first tries one exchange
+//! (bounded by [`CATCH_UP_BUDGET`]).
 //! A user removed from a room (left, kicked, banned) gets that event, then nothing more
 //! from the room.
 
@@ -33,7 +42,7 @@ use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
 use tokio_stream::StreamMap;
 
 use super::{ApiError, ApiResult, Ctx, EventStream, Metrics};
-use crate::delivery::{window_floor, Cursor, HubEvent, Position, WindowDigest, RESUME_WINDOW_MS};
+use crate::delivery::{resume_window_ms, window_floor, Cursor, HubEvent, Position, WindowDigest};
 use crate::ids::{MessageId, RoomId, UserId};
 
 /// Entries read from the index per replay page.
@@ -42,6 +51,9 @@ const REPLAY_PAGE: usize = 512;
 /// are forgotten; if one of them is still inside the resume window the stream stops
 /// putting a window digest in its cursors (a resume then replays the window).
 const SENT_MEMORY: usize = 100_000;
+
+/// How long opening a stream may spend catching this node up in its rooms.
+const CATCH_UP_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a resume waits for this node to hold the client's window: steps × step.
 const RESUME_WAIT_STEPS: u32 = 20;
@@ -57,9 +69,24 @@ struct RoomPos {
     sent: BTreeSet<MessageId>,
     /// Digest of `sent` ∩ `(window_floor(last), last]`; `None` once untrackable.
     window: Option<WindowDigest>,
+    /// What this stream's cursors name: `position()` when it was last vouched for.
+    published: Position,
+    /// The node's catch-up epoch the cursor follows; `None` while not caught up.
+    trusted: Option<u64>,
 }
 
 impl RoomPos {
+    fn new(last: MessageId, sent: BTreeSet<MessageId>, window: Option<WindowDigest>) -> Self {
+        let published = Position { id: last, window };
+        Self {
+            last,
+            sent,
+            window,
+            published,
+            trusted: None,
+        }
+    }
+
     fn position(&self) -> Position {
         Position {
             id: self.last,
@@ -158,15 +185,23 @@ pub(super) async fn subscribe(
     let mut start: Vec<(RoomId, MessageId, MessageId)> = Vec::new();
     // One wait budget for the whole stream, however many rooms it resumes.
     let wait_deadline = tokio::time::Instant::now() + RESUME_WAIT_STEP * RESUME_WAIT_STEPS;
+    let catch_up_deadline = tokio::time::Instant::now() + CATCH_UP_BUDGET;
     for room in &rooms {
         ctx.require_member(room, &user).await?;
         ctx.timelines.ensure_loaded(&room.id).await?;
+        // A node back from a crash or a partition: one exchange first, if it is quick,
+        // so the stream's cursors can move from the start.
+        if ctx.timelines.caught_up(&room.id).is_none() {
+            let _ =
+                tokio::time::timeout_at(catch_up_deadline, ctx.timelines.catch_up_room(&room.id))
+                    .await;
+        }
         // Resuming: give this node a moment (bounded) to hold what the client was sent
         // in the window; a node a few pushes behind then still resumes exactly.
         let mut exact_ids: Option<Vec<MessageId>> = None;
         if let Some(c) = cursor.as_ref().and_then(|c| c.0.get(&room.id)) {
             if c.window.is_some()
-                && c.id.physical_ms() <= ctx.hlc.wall_ms().saturating_add(RESUME_WINDOW_MS)
+                && c.id.physical_ms() <= ctx.hlc.wall_ms().saturating_add(resume_window_ms())
             {
                 for attempt in 0..RESUME_WAIT_STEPS {
                     let wm = ctx.hub.watermark(&room.id).unwrap_or(MessageId::MIN);
@@ -191,11 +226,14 @@ pub(super) async fn subscribe(
             .hub
             .subscribe(&room.id)
             .ok_or_else(|| ApiError::Unavailable(format!("room {} is not loaded", room.name)))?;
-        let p = match cursor.as_ref().and_then(|c| c.0.get(&room.id)) {
-            Some(c) if c.id.physical_ms() > ctx.hlc.wall_ms().saturating_add(RESUME_WINDOW_MS) => {
+        let trusted = ctx.timelines.caught_up(&room.id);
+        let mut p = match cursor.as_ref().and_then(|c| c.0.get(&room.id)) {
+            Some(c)
+                if c.id.physical_ms() > ctx.hlc.wall_ms().saturating_add(resume_window_ms()) =>
+            {
                 return Err(ApiError::NotFound(format!(
                     "unknown cursor: it is more than {} s ahead of this node's clock in room {}",
-                    RESUME_WINDOW_MS / 1000,
+                    resume_window_ms() / 1000,
                     room.name
                 )))
             }
@@ -204,33 +242,33 @@ pub(super) async fn subscribe(
                 // the client was sent; else replay the window too. A cursor ahead of
                 // this node's watermark (taken on a node further along) replays the
                 // window and then goes live.
-                let mut p = RoomPos {
-                    last: c.id,
-                    sent: BTreeSet::new(),
-                    window: Some(WindowDigest::default()),
-                };
                 match exact_ids.take() {
                     Some(here) => {
-                        p.window = c.window;
-                        p.sent.extend(here);
                         start.push((room.id.clone(), c.id, watermark));
+                        RoomPos::new(c.id, here.into_iter().collect(), c.window)
                     }
-                    None => start.push((room.id.clone(), window_floor(c.id), watermark)),
+                    None => {
+                        start.push((room.id.clone(), window_floor(c.id), watermark));
+                        // Until it is caught up the stream hands the client's cursor back.
+                        let mut p =
+                            RoomPos::new(c.id, BTreeSet::new(), Some(WindowDigest::default()));
+                        p.published = Position {
+                            id: c.id,
+                            window: c.window,
+                        };
+                        p
+                    }
                 }
-                p
             }
             None => {
                 // A new stream starts at the watermark: the client is deemed to have
                 // what came before, so the window digest starts from this node's
                 // entries there.
                 let (here, digest) = window_before(&ctx, &room.id, watermark)?;
-                RoomPos {
-                    last: watermark,
-                    sent: here.into_iter().collect(),
-                    window: Some(digest),
-                }
+                RoomPos::new(watermark, here.into_iter().collect(), Some(digest))
             }
         };
+        p.trusted = trusted;
         pos.insert(room.id.clone(), p);
         streams.insert(room.id.clone(), BroadcastStream::new(rx));
     }
@@ -258,20 +296,53 @@ struct Sub {
 
 impl Sub {
     /// Sends one timeline event (unless this stream sent it already) with the cursor
-    /// after it. False once the client is gone.
+    /// after it: one that moved past it only if the node is caught up in the room.
+    /// False once the client is gone.
     async fn timeline(&mut self, room: &RoomId, id: MessageId, ev: &pb::Event) -> bool {
-        if !self.pos.entry(room.clone()).or_default().record(id) {
+        let p = self.pos.entry(room.clone()).or_default();
+        if !p.record(id) {
             return true;
+        }
+        if p.trusted.is_some() {
+            p.published = p.position();
         }
         let cursor = Cursor(
             self.pos
                 .iter()
-                .map(|(r, p)| (r.clone(), p.position()))
+                .map(|(r, p)| (r.clone(), p.published))
                 .collect(),
         );
         let mut ev = ev.clone();
         ev.cursor = cursor.encode();
         self.tx.send(Ok(ev)).await.is_ok()
+    }
+
+    /// Follows the node's catch-up state in `room`. Once the node is caught up again
+    /// (a new epoch), first sends what it now holds from the window of the position last
+    /// vouched for (entries it lacked then), and only then lets the cursor move.
+    /// False once the client is gone.
+    async fn follow_catch_up(&mut self, room: &RoomId) -> bool {
+        let now = self.ctx.timelines.caught_up(room);
+        let p = self.pos.entry(room.clone()).or_default();
+        match now {
+            None => {
+                p.trusted = None;
+                true
+            }
+            Some(e) if p.trusted == Some(e) => true,
+            Some(e) => {
+                p.trusted = None;
+                let from = window_floor(p.published.id);
+                let upto = self.ctx.hub.watermark(room).unwrap_or(MessageId::MIN);
+                if !self.catch_up(room, from, upto).await {
+                    return false;
+                }
+                let p = self.pos.entry(room.clone()).or_default();
+                p.trusted = Some(e);
+                p.published = p.position();
+                true
+            }
+        }
     }
 
     /// Replays durable entries after `from` up to `upto`. False once the client is gone.
@@ -329,7 +400,7 @@ async fn pump(
 ) {
     let mut sub = Sub { ctx, user, pos, tx };
     for (room, from, watermark) in start {
-        if !sub.catch_up(&room, from, watermark).await {
+        if !sub.follow_catch_up(&room).await || !sub.catch_up(&room, from, watermark).await {
             return;
         }
     }
@@ -340,7 +411,9 @@ async fn pump(
         };
         let Some((room, item)) = next else { return };
         let ok = match item {
-            Ok(HubEvent::Timeline { id, event }) => sub.timeline(&room, id, &event).await,
+            Ok(HubEvent::Timeline { id, event }) => {
+                sub.follow_catch_up(&room).await && sub.timeline(&room, id, &event).await
+            }
             Ok(HubEvent::Live(event)) => {
                 let removed = sub.removes_me(&event);
                 let ok = sub.tx.send(Ok((*event).clone())).await.is_ok();

@@ -259,6 +259,10 @@ pub struct ServeArgs {
     /// Tuning/tests: compact a room's open chunk after this many changes (0 = default 2000).
     #[arg(long, default_value_t = 0, hide = true)]
     pub timeline_compact_every: usize,
+    /// Tests: the delivery resume window in milliseconds (0 = default 60000); every node
+    /// of a cluster must use the same.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub resume_window_ms: u64,
     /// How long a fresh node waits for its peers (--bootstrap-expect) before giving up.
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     pub genesis_timeout: u64,

@@ -33,6 +33,7 @@ impl ServeArgs {
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing();
     let config = args.to_config();
+    crate::delivery::set_resume_window_ms(args.resume_window_ms);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
     node::run(config, shutdown_signal()).await

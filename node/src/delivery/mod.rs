@@ -11,6 +11,7 @@
 //! layer's commit pipeline guarantees it), so live timeline events arrive in id order.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use parley_proto::v1::Event;
@@ -119,9 +120,25 @@ impl Hub {
 /// entries that reached a node late and sort before the position.
 pub const RESUME_WINDOW_MS: u64 = 60_000;
 
+/// The resume window in force: [`RESUME_WINDOW_MS`] unless a test shortened it for this
+/// process (every node of a cluster must use the same).
+static RESUME_WINDOW: AtomicU64 = AtomicU64::new(RESUME_WINDOW_MS);
+
+/// The resume window in milliseconds.
+pub fn resume_window_ms() -> u64 {
+    RESUME_WINDOW.load(Ordering::Relaxed)
+}
+
+/// Tests: sets this process's resume window (0 keeps the default).
+pub fn set_resume_window_ms(ms: u64) {
+    if ms > 0 {
+        RESUME_WINDOW.store(ms, Ordering::Relaxed);
+    }
+}
+
 /// The exclusive lower end of the resume window before `at`.
 pub fn window_floor(at: MessageId) -> MessageId {
-    MessageId::floor_of_ms(at.physical_ms().saturating_sub(RESUME_WINDOW_MS))
+    MessageId::floor_of_ms(at.physical_ms().saturating_sub(resume_window_ms()))
 }
 
 /// An order-independent digest of a set of entry ids: how many, and the XOR of a
@@ -164,7 +181,7 @@ impl WindowDigest {
 /// `(window_floor(id), id]`. On resume a node whose own entries in that window have
 /// the same digest resumes exactly after `id`; otherwise it replays the window too
 /// (entries the old node lacked), and the client drops ids it already showed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Position {
     pub id: MessageId,
     pub window: Option<WindowDigest>,

@@ -17,6 +17,14 @@
 //!   replicas only the one with the smaller node id starts exchanges, and every exchange
 //!   starts from a fresh sync state on both sides, so a restart on either side cannot
 //!   leave a stale state that withholds changes.
+//! - A node knows it is caught up in a room ([`Timelines::caught_up`]) only while an
+//!   exchange it started with another replica completed recently ([`CAUGHT_UP_FOR`]).
+//!   Every entry acknowledged with `W = 2` before that exchange started is on the peer,
+//!   so this node holds it too; ones acknowledged since carry ids no older than the
+//!   exchange less a send's timeout. Delivery uses this to let resume cursors move only
+//!   over what the node is sure it holds (see `api::subscribe`). So that every node
+//!   stays caught up, the replica with the greatest id also starts one exchange per
+//!   round, and a node not caught up in a room tries every peer.
 
 use std::sync::Arc;
 
@@ -59,6 +67,14 @@ pub(crate) type Flushed = tokio::sync::watch::Receiver<Option<Result<(), StoreEr
 
 /// Most rounds of one anti-entropy exchange.
 const SYNC_ROUNDS: usize = 16;
+
+/// How long a completed anti-entropy exchange vouches that this node holds every entry
+/// of the room acknowledged before it started. With a send's quorum timeout and HLC
+/// skew this must stay well inside the delivery resume window (60 s).
+pub const CAUGHT_UP_FOR: std::time::Duration = std::time::Duration::from_secs(25);
+
+/// How often a node tries to catch up in rooms it is not caught up in, between rounds.
+const CATCH_UP_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Hands a flushed change to the room's pusher (started on first use).
 pub(super) fn push(inner: &Arc<Inner>, net: &Arc<dyn Network>, room: &RoomId, item: PushItem) {
@@ -458,6 +474,7 @@ impl Timelines {
         let Some((_, _net)) = self.network() else {
             return Ok(0);
         };
+        let started = std::time::Instant::now();
         let open = {
             let slot = self.slot(room);
             let mut g = slot.lock().await;
@@ -491,7 +508,76 @@ impl Timelines {
                     .insert(key);
             }
         }
+        self.mark_synced(room, started);
         Ok(gained)
+    }
+
+    /// Records an exchange over `room` that started at `started` and completed.
+    fn mark_synced(&self, room: &RoomId, started: std::time::Instant) {
+        let mut map = self
+            .inner
+            .synced_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match map.get_mut(room) {
+            Some((at, _)) if at.elapsed() < CAUGHT_UP_FOR => {
+                if started > *at {
+                    *at = started;
+                }
+            }
+            _ => {
+                let epoch = self
+                    .inner
+                    .sync_epochs
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                map.insert(room.clone(), (started, epoch));
+            }
+        }
+    }
+
+    /// `Some(epoch)` while this node is sure it holds every entry of `room` that was
+    /// acknowledged with `W = 2` more than [`CAUGHT_UP_FOR`] plus a send's timeout ago:
+    /// an exchange it started with another replica completed within [`CAUGHT_UP_FOR`]
+    /// (or the room has no other replica). The epoch changes whenever the node gets
+    /// caught up again after it was not (restart, partition, overload).
+    pub fn caught_up(&self, room: &RoomId) -> Option<u64> {
+        {
+            let map = self
+                .inner
+                .synced_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some((at, epoch)) = map.get(room) {
+                if at.elapsed() < CAUGHT_UP_FOR {
+                    return Some(*epoch);
+                }
+            }
+        }
+        match self.network() {
+            Some((_, net)) if !net.peers_of(room).is_empty() => None,
+            _ => Some(0),
+        }
+    }
+
+    /// Completes one exchange over `room` with the first peer that answers, unless this
+    /// node is caught up in it already. Returns whether it is caught up now.
+    pub async fn catch_up_room(&self, room: &RoomId) -> bool {
+        if self.caught_up(room).is_some() {
+            return true;
+        }
+        let Some((_, net)) = self.network() else {
+            return true;
+        };
+        for peer in net.peers_of(room) {
+            match self.sync_with(peer, room).await {
+                Ok(_) => return true,
+                Err(e) => {
+                    tracing::debug!(room = %room, peer, error = %e, "catch-up exchange failed")
+                }
+            }
+        }
+        false
     }
 
     /// Rounds of the automerge sync protocol with `peer` over one chunk, until neither
@@ -572,7 +658,9 @@ impl Timelines {
     }
 
     /// Anti-entropy until `stop`: every `every`, each room this node replicates is synced
-    /// with each peer whose id is greater than this node's.
+    /// with each peer whose id is greater than this node's; where there is none, or the
+    /// node is not caught up in the room, also with the first other peer that answers.
+    /// Between rounds, every [`CATCH_UP_RETRY`], rooms it is not caught up in are tried.
     pub async fn anti_entropy(
         &self,
         every: std::time::Duration,
@@ -580,29 +668,68 @@ impl Timelines {
     ) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry = tokio::time::interval(CATCH_UP_RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
+            let full = tokio::select! {
+                _ = tick.tick() => true,
+                _ = retry.tick() => false,
                 _ = stop.wait_for(|s| *s) => return,
-            }
+            };
             let Some((me, net)) = self.network() else {
                 continue;
             };
-            for room in net.local_rooms() {
-                for peer in net.peers_of(&room).into_iter().filter(|p| *p > me) {
-                    match self.sync_with(peer, &room).await {
-                        Ok(0) => {}
-                        Ok(n) => {
-                            tracing::info!(room = %room, peer, entries = n, "anti-entropy caught up")
-                        }
-                        Err(e) => {
-                            tracing::debug!(room = %room, peer, error = %e, "anti-entropy exchange failed")
-                        }
+            if !full {
+                // Between rounds: only rooms this node is not caught up in.
+                for room in net.local_rooms() {
+                    if self.caught_up(&room).is_none() {
+                        self.catch_up_room(&room).await;
                     }
                     if *stop.borrow() {
                         return;
                     }
                 }
+                continue;
+            }
+            let round = std::time::Instant::now();
+            for room in net.local_rooms() {
+                let peers = net.peers_of(&room);
+                let mut done = false;
+                for peer in peers.iter().copied().filter(|p| *p > me) {
+                    done |= self.anti_entropy_exchange(peer, &room).await;
+                    if *stop.borrow() {
+                        return;
+                    }
+                }
+                // The greatest id, or a node behind: one more exchange, with a smaller id.
+                if !done || self.caught_up(&room).is_none() {
+                    for peer in peers.iter().copied().filter(|p| *p < me) {
+                        if self.anti_entropy_exchange(peer, &room).await || *stop.borrow() {
+                            break;
+                        }
+                    }
+                }
+            }
+            if round.elapsed() > every {
+                tracing::warn!(
+                    took_ms = round.elapsed().as_millis() as u64,
+                    "an anti-entropy round took longer than its period"
+                );
+            }
+        }
+    }
+
+    /// One exchange of the anti-entropy loop; whether it completed.
+    async fn anti_entropy_exchange(&self, peer: u64, room: &RoomId) -> bool {
+        match self.sync_with(peer, room).await {
+            Ok(0) => true,
+            Ok(n) => {
+                tracing::info!(room = %room, peer, entries = n, "anti-entropy caught up");
+                true
+            }
+            Err(e) => {
+                tracing::debug!(room = %room, peer, error = %e, "anti-entropy exchange failed");
+                false
             }
         }
     }

@@ -249,6 +249,11 @@ pub(super) struct Inner {
     pub(super) sync_states: Mutex<HashMap<(u64, RoomId, u32), automerge::sync::State>>,
     /// Sealed chunks (peer, room, chunk) already synced with a peer since start.
     pub(super) synced_sealed: Mutex<std::collections::HashSet<(u64, RoomId, u32)>>,
+    /// Per room: when the newest anti-entropy exchange this node completed with another
+    /// replica started, and the catch-up epoch it belongs to (see `Timelines::caught_up`).
+    pub(super) synced_at: Mutex<HashMap<RoomId, (std::time::Instant, u64)>>,
+    /// The last catch-up epoch handed out.
+    pub(super) sync_epochs: std::sync::atomic::AtomicU64,
 }
 
 /// The timelines of every room this node replicates. Cheap to clone.
@@ -302,6 +307,8 @@ impl Timelines {
             pushers: Mutex::new(HashMap::new()),
             sync_states: Mutex::new(HashMap::new()),
             synced_sealed: Mutex::new(std::collections::HashSet::new()),
+            synced_at: Mutex::new(HashMap::new()),
+            sync_epochs: std::sync::atomic::AtomicU64::new(0),
         });
         tokio::spawn(commit_pipeline(Arc::downgrade(&inner), commit_rx));
         Ok(Self { inner })

@@ -246,6 +246,170 @@ async fn messages_replicate_converge_and_resume_across_nodes() {
     .unwrap();
 }
 
+/// Subscribes to one room, retrying (for up to 30 s) while the node answers UNAVAILABLE
+/// (it cannot confirm membership until its partition has a leader again).
+async fn subscribe(
+    c: &mut parley_node::cli::client::Client,
+    room: &str,
+    cursor: &str,
+) -> tonic::Streaming<pb::Event> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let req = pb::SubscribeRequest {
+            rooms: vec![room.into()],
+            cursor: cursor.into(),
+        };
+        match c.subscribe(req).await {
+            Ok(s) => return s.into_inner(),
+            Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("subscribe: {e:?}"),
+        }
+    }
+}
+
+/// A node back from a crash that cannot reach its peers lacks what they wrote while it
+/// was down, older than the resume window (2 s here). Its stream still delivers what it
+/// has, but the cursors it hands out must not move past what it lacks: a resume
+/// elsewhere from such a cursor yields the missed messages. Once the node catches up
+/// the same stream delivers them and its cursors move on, resuming exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursors_from_a_node_that_is_behind_do_not_skip_what_it_lacks() {
+    const WINDOW_MS: u64 = 2000;
+    let mut c = tokio::task::spawn_blocking(|| {
+        Cluster::start_with(3, &["--resume-window-ms", &WINDOW_MS.to_string()])
+    })
+    .await
+    .unwrap();
+    let (a, b, cc) = (0, 1, 2);
+    let alice = support::user(&c.nodes[a], "alice");
+    let carol = support::user(&c.nodes[a], "carol");
+    // W = 1, so the node left alone can still take a message.
+    c.nodes[a]
+        .cli(
+            Some(&alice),
+            &["room", "create", "quiet", "--write-quorum", "1"],
+        )
+        .ok();
+    c.nodes[a]
+        .cli(Some(&carol), &["room", "join", "quiet"])
+        .ok();
+    // The first stream is on C, so C knows carol is a member before it goes down.
+    let mut carol_c = c.nodes[cc].client(Some(&carol)).await;
+    let mut alice_a = c.nodes[a].client(Some(&alice)).await;
+    let mut s1 = subscribe(&mut carol_c, "quiet", "").await;
+    send(&mut alice_a, "quiet", "m0").await.expect("m0 acked");
+    let (_, c0) = messages(&mut s1, 1).await.remove(0);
+    drop(s1);
+
+    // C goes down (cleanly, so it remembers carol joined: a lone node cannot ask);
+    // A and B take ten messages; then A and B go down too.
+    let mut missed = Vec::new();
+    let mut c = tokio::task::spawn_blocking(move || {
+        c.nodes[cc].stop();
+        c
+    })
+    .await
+    .unwrap();
+    for i in 1..=10 {
+        missed.push(
+            send(&mut alice_a, "quiet", &format!("m{i}"))
+                .await
+                .expect("acked"),
+        );
+    }
+    let token = alice.clone();
+    let mut c = tokio::task::spawn_blocking(move || {
+        eventually(Duration::from_secs(20), "B holds the ten", || {
+            ids(&c.nodes[b], &token, "quiet").len() == 11
+        });
+        c.nodes[a].kill9();
+        c.nodes[b].kill9();
+        // Age the ten beyond the resume window of anything sent from now on.
+        std::thread::sleep(Duration::from_millis(WINDOW_MS + 500));
+        c.restart(cc);
+        c
+    })
+    .await
+    .unwrap();
+
+    // C alone: a stream resumed from before the crash delivers C's own new message.
+    let mut carol_c = c.nodes[cc].client(Some(&carol)).await;
+    let mut alice_c = c.nodes[cc].client(Some(&alice)).await;
+    let mut s3 = subscribe(&mut carol_c, "quiet", &c0).await;
+    let local = send(&mut alice_c, "quiet", "local")
+        .await
+        .expect("W=1 send on the lone node");
+    let (got, c1) = messages(&mut s3, 1).await.remove(0);
+    assert_eq!(got, local);
+
+    // A and B back: a resume on A from the cursor C handed out yields the ten.
+    let c = tokio::task::spawn_blocking(move || {
+        c.restart(a);
+        c.restart(b);
+        c
+    })
+    .await
+    .unwrap();
+    let mut carol_a = c.nodes[a].client(Some(&carol)).await;
+    let mut resumed = subscribe(&mut carol_a, "quiet", &c1).await;
+    let mut seen: Vec<String> = messages(&mut resumed, 11)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    seen.sort();
+    let mut want = missed.clone();
+    want.push(local.clone());
+    want.sort();
+    assert_eq!(
+        seen, want,
+        "the resume from C's cursor skipped messages C lacked"
+    );
+    drop(resumed);
+
+    // C catches up: its stream delivers the ten, then its cursor moves on for real.
+    let late: Vec<String> = messages(&mut s3, 10)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(
+        late, missed,
+        "C's stream delivers what it caught up, once, in order"
+    );
+    // C may get the ten from A's exchange before its own completes: its cursor moves
+    // once it has completed one (within seconds).
+    let mut alice_a = c.nodes[a].client(Some(&alice)).await;
+    let start = Instant::now();
+    let mut k = 0;
+    let c2 = loop {
+        k += 1;
+        let n = send(&mut alice_a, "quiet", &format!("more{k}"))
+            .await
+            .expect("acked");
+        let (got, cursor) = messages(&mut s3, 1).await.remove(0);
+        assert_eq!(got, n);
+        if cursor != c1 {
+            break cursor;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "C's cursor never moved on after it caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut carol_b = c.nodes[b].client(Some(&carol)).await;
+    let mut exact = subscribe(&mut carol_b, "quiet", &c2).await;
+    let last = send(&mut alice_a, "quiet", "last").await.expect("acked");
+    let (first, _) = messages(&mut exact, 1).await.remove(0);
+    assert_eq!(
+        first, last,
+        "a resume from C's caught-up cursor: no gap, no duplicate"
+    );
+}
+
 /// One message entry as a room's writer would put it into chunk 0: a fresh automerge
 /// actor, so the change depends on nothing and any replica can apply it.
 fn forged_change(room_id: &str, id: &str, sender: &str, text: &str) -> Vec<u8> {

@@ -59,7 +59,6 @@ impl Node {
     }
 
     /// The child process, if it has exited: its status (reaped).
-    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child
             .as_mut()
@@ -85,6 +84,20 @@ impl Node {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// SIGTERM (a clean shutdown that flushes the store), waiting up to 20 s for the
+    /// exit; SIGKILL past that.
+    pub fn stop(&mut self) {
+        let Some(pid) = self.pid() else { return };
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while self.exited().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill9();
     }
 
     /// Starts the node again on the same data dir (new ports), after killing it if it
@@ -496,6 +509,11 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(n: usize) -> Self {
+        Self::start_with(n, &[])
+    }
+
+    /// Like `start`, with `extra` serve flags on every node.
+    pub fn start_with(n: usize, extra: &[&str]) -> Self {
         let ports: Vec<(u16, u16, u16)> = (0..n)
             .map(|_| (free_port(), free_port(), free_port()))
             .collect();
@@ -526,6 +544,7 @@ impl Cluster {
                 a.push("--join".into());
                 a.push(seed.clone());
             }
+            a.extend(extra.iter().map(|x| x.to_string()));
             let child = spawn_child(dir.path(), 0, &a);
             started.push((dir, child));
             args.push(a);
