@@ -4,8 +4,11 @@
 //! invoke (of that subscriber and room) starts one, and a delivery belongs to the
 //! latest session started before it. The room's final timeline is the union (by id)
 //! of its ok final reads. Anomalies:
-//! - "lost": a message of the final timeline after the first session's cursor (all of
-//!   them if it had none) that was never delivered;
+//! - "lost": a message of the final timeline after the first session's cursor that was
+//!   never delivered. A first session without a cursor starts where its node is when
+//!   the subscription opens (DESIGN §3: a new stream starts now), so it owes the
+//!   messages whose send was invoked after the `subscribe` returned; one sent while
+//!   the `subscribe` was in flight may or may not be included;
 //! - "duplicated": an id delivered twice in one session;
 //! - "unexpected": a delivered id that is not in the final timeline, or whose sender or
 //!   text differ from it.
@@ -66,6 +69,8 @@ struct Session {
     /// (id, msg, event index), in delivery order.
     got: Vec<(String, Msg, u64)>,
     start: u64,
+    /// Index of the `subscribe` completion (`u64::MAX` if none).
+    opened: u64,
 }
 
 pub fn check(history: &[Event], _cfg: &Config) -> Verdict {
@@ -87,6 +92,7 @@ pub fn check(history: &[Event], _cfg: &Config) -> Verdict {
                     has_cursor: cursor.is_some(),
                     got: Vec::new(),
                     start: c.inv_index(),
+                    opened: c.done_index(),
                 }),
             Op::Deliver {
                 room,
@@ -105,6 +111,7 @@ pub fn check(history: &[Event], _cfg: &Config) -> Verdict {
                         subs.entry(key).or_default().push(Session {
                             got: vec![(msg.id.to_ascii_lowercase(), msg.clone(), c.inv_index())],
                             start: c.inv_index(),
+                            opened: c.inv_index(),
                             ..Session::default()
                         });
                     }
@@ -114,6 +121,14 @@ pub fn check(history: &[Event], _cfg: &Config) -> Verdict {
         }
     }
 
+    // (room, text) -> index of the send's invoke (texts are unique per workload).
+    let send_invoked: BTreeMap<(&str, &str), u64> = cs
+        .iter()
+        .filter_map(|c| match &c.inv.op {
+            Op::Send { room, text, .. } => Some(((room.as_str(), text.as_str()), c.inv_index())),
+            _ => None,
+        })
+        .collect();
     let finals = final_reads(&cs);
     let timelines: BTreeMap<&str, BTreeMap<String, &Msg>> = finals
         .iter()
@@ -181,12 +196,18 @@ pub fn check(history: &[Event], _cfg: &Config) -> Verdict {
                 }
             }
         }
-        let from = sessions
-            .first()
+        let first = sessions.first();
+        let from = first
             .filter(|s| s.has_cursor)
             .and_then(|s| s.cursor.clone());
+        // A new stream owes what was sent after it opened.
+        let opened = first.filter(|s| !s.has_cursor).map(|s| s.opened);
         for (id, m) in timeline {
             if from.as_deref().is_some_and(|f| id.as_str() <= f) || seen.contains_key(id.as_str()) {
+                continue;
+            }
+            let sent_at = send_invoked.get(&(room.as_str(), m.text.as_str()));
+            if opened.is_some_and(|o| sent_at.is_some_and(|at| *at < o)) {
                 continue;
             }
             lost += 1;
@@ -297,6 +318,35 @@ mod tests {
             .anomalies
             .iter()
             .any(|a| a.kind == "lost" && a.detail.contains("r0-p1-3")));
+    }
+
+    #[test]
+    fn a_new_stream_owes_what_was_sent_after_it_opened() {
+        let mut h = H::new();
+        let op = Op::Subscribe {
+            room: "r0".into(),
+            subscriber: "s1".into(),
+            cursor: None,
+        };
+        h.invoke(5, "n1", op.clone());
+        // Sent while the subscribe was in flight: the stream may start after it.
+        h.sent(1, "n1", "r0", "u1", "r0-p1-1", &format!("{:032x}", 1));
+        h.ok(5, "n1", op);
+        // Sent after it opened: owed.
+        h.sent(1, "n1", "r0", "u1", "r0-p1-2", &format!("{:032x}", 2));
+        h.sent(1, "n1", "r0", "u1", "r0-p1-3", &format!("{:032x}", 3));
+        h.deliver(5, "r0", "s1", m(3));
+        timeline(&mut h, 3);
+        let v = check(&h.events, &Config::default());
+        assert!(!v.valid);
+        let lost: Vec<&str> = v
+            .anomalies
+            .iter()
+            .filter(|a| a.kind == "lost")
+            .map(|a| a.detail.as_str())
+            .collect();
+        assert_eq!(lost.len(), 1, "{lost:?}");
+        assert!(lost[0].contains("r0-p1-2"), "{lost:?}");
     }
 
     #[test]

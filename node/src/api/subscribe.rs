@@ -26,7 +26,7 @@
 //! events carry the position last vouched for; once it is caught up again the stream
 //! first replays from that position's window, sending the entries it gained, and only
 //! then moves the cursor on. A resume on a node not caught up first tries one exchange
-//! (bounded by [`CATCH_UP_BUDGET`]).
+//! (bounded by [`CATCH_UP_BUDGET`]); a new stream does not wait for it.
 //! A user removed from a room (left, kicked, banned) gets that event, then nothing more
 //! from the room.
 
@@ -189,9 +189,11 @@ pub(super) async fn subscribe(
     for room in &rooms {
         ctx.require_member(room, &user).await?;
         ctx.timelines.ensure_loaded(&room.id).await?;
-        // A node back from a crash or a partition: one exchange first, if it is quick,
-        // so the stream's cursors can move from the start.
-        if ctx.timelines.caught_up(&room.id).is_none() {
+        // Resuming on a node back from a crash or a partition: one exchange first, if it
+        // is quick, so the stream's cursors can move from the start. (A new stream does
+        // not wait: it starts from this node's watermark, and the sooner the better.)
+        let resuming = cursor.as_ref().is_some_and(|c| c.0.contains_key(&room.id));
+        if resuming && ctx.timelines.caught_up(&room.id).is_none() {
             let _ =
                 tokio::time::timeout_at(catch_up_deadline, ctx.timelines.catch_up_room(&room.id))
                     .await;
