@@ -183,9 +183,10 @@ pub(super) async fn subscribe(
     let mut streams = StreamMap::new();
     let mut pos: BTreeMap<RoomId, RoomPos> = BTreeMap::new();
     let mut start: Vec<(RoomId, MessageId, MessageId)> = Vec::new();
-    // One wait budget for the whole stream, however many rooms it resumes.
-    let wait_deadline = tokio::time::Instant::now() + RESUME_WAIT_STEP * RESUME_WAIT_STEPS;
+    // One wait budget for the whole stream, however many rooms it resumes; time spent
+    // in catch-up exchanges extends it, so they do not use up the wait.
     let catch_up_deadline = tokio::time::Instant::now() + CATCH_UP_BUDGET;
+    let mut wait_deadline = tokio::time::Instant::now() + RESUME_WAIT_STEP * RESUME_WAIT_STEPS;
     for room in &rooms {
         ctx.require_member(room, &user).await?;
         ctx.timelines.ensure_loaded(&room.id).await?;
@@ -194,9 +195,11 @@ pub(super) async fn subscribe(
         // not wait: it starts from this node's watermark, and the sooner the better.)
         let resuming = cursor.as_ref().is_some_and(|c| c.0.contains_key(&room.id));
         if resuming && ctx.timelines.caught_up(&room.id).is_none() {
+            let began = tokio::time::Instant::now();
             let _ =
                 tokio::time::timeout_at(catch_up_deadline, ctx.timelines.catch_up_room(&room.id))
                     .await;
+            wait_deadline += began.elapsed();
         }
         // Resuming: give this node a moment (bounded) to hold what the client was sent
         // in the window; a node a few pushes behind then still resumes exactly.

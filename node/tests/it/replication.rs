@@ -246,6 +246,26 @@ async fn messages_replicate_converge_and_resume_across_nodes() {
     .unwrap();
 }
 
+/// The next `n` messages of a stream that the client has not shown yet (it drops ids in
+/// `shown`, as clients do after a resume replays a window), with the cursor after each.
+async fn unseen_messages(
+    s: &mut tonic::Streaming<pb::Event>,
+    n: usize,
+    shown: &mut std::collections::BTreeSet<String>,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for _ in 0..10_000 {
+        if out.len() == n {
+            break;
+        }
+        let (id, cursor) = messages(s, 1).await.remove(0);
+        if shown.insert(id.clone()) {
+            out.push((id, cursor));
+        }
+    }
+    out
+}
+
 /// Subscribes to one room, retrying (for up to 30 s) while the node answers UNAVAILABLE
 /// (it cannot confirm membership until its partition has a leader again).
 async fn subscribe(
@@ -300,8 +320,12 @@ async fn cursors_from_a_node_that_is_behind_do_not_skip_what_it_lacks() {
     let mut alice_a = c.nodes[a].client(Some(&alice)).await;
     let mut s1 = subscribe(&mut carol_c, "quiet", "").await;
     send(&mut alice_a, "quiet", "m0").await.expect("m0 acked");
-    let (_, c0) = messages(&mut s1, 1).await.remove(0);
+    let (m0, c0) = messages(&mut s1, 1).await.remove(0);
     drop(s1);
+    // What carol's client has shown: a resume may replay the window before its cursor
+    // (at least once), and the client shows each id once.
+    let mut shown_c = std::collections::BTreeSet::from([m0.clone()]);
+    let mut shown_a = shown_c.clone();
 
     // C goes down (cleanly, so it remembers carol joined: a lone node cannot ask);
     // A and B take ten messages; then A and B go down too.
@@ -341,7 +365,7 @@ async fn cursors_from_a_node_that_is_behind_do_not_skip_what_it_lacks() {
     let local = send(&mut alice_c, "quiet", "local")
         .await
         .expect("W=1 send on the lone node");
-    let (got, c1) = messages(&mut s3, 1).await.remove(0);
+    let (got, c1) = unseen_messages(&mut s3, 1, &mut shown_c).await.remove(0);
     assert_eq!(got, local);
 
     // A and B back: a resume on A from the cursor C handed out yields the ten.
@@ -354,7 +378,7 @@ async fn cursors_from_a_node_that_is_behind_do_not_skip_what_it_lacks() {
     .unwrap();
     let mut carol_a = c.nodes[a].client(Some(&carol)).await;
     let mut resumed = subscribe(&mut carol_a, "quiet", &c1).await;
-    let mut seen: Vec<String> = messages(&mut resumed, 11)
+    let mut seen: Vec<String> = unseen_messages(&mut resumed, 11, &mut shown_a)
         .await
         .into_iter()
         .map(|(id, _)| id)
@@ -370,7 +394,7 @@ async fn cursors_from_a_node_that_is_behind_do_not_skip_what_it_lacks() {
     drop(resumed);
 
     // C catches up: its stream delivers the ten, then its cursor moves on for real.
-    let late: Vec<String> = messages(&mut s3, 10)
+    let late: Vec<String> = unseen_messages(&mut s3, 10, &mut shown_c)
         .await
         .into_iter()
         .map(|(id, _)| id)
@@ -389,7 +413,7 @@ async fn cursors_from_a_node_that_is_behind_do_not_skip_what_it_lacks() {
         let n = send(&mut alice_a, "quiet", &format!("more{k}"))
             .await
             .expect("acked");
-        let (got, cursor) = messages(&mut s3, 1).await.remove(0);
+        let (got, cursor) = unseen_messages(&mut s3, 1, &mut shown_c).await.remove(0);
         assert_eq!(got, n);
         if cursor != c1 {
             break cursor;
