@@ -73,6 +73,9 @@ const SYNC_ROUNDS: usize = 16;
 /// skew this must stay well inside the delivery resume window (60 s).
 pub const CAUGHT_UP_FOR: std::time::Duration = std::time::Duration::from_secs(25);
 
+/// Longest one anti-entropy exchange (one room, one peer) may take in the background loop.
+const EXCHANGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How often a node tries to catch up in rooms it is not caught up in, between rounds.
 const CATCH_UP_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -679,11 +682,19 @@ impl Timelines {
             let Some((me, net)) = self.network() else {
                 continue;
             };
+            // A peer whose exchange failed or timed out is skipped for the rest of this
+            // pass: one cut-off peer must not cost a timeout per room (rounds of over a
+            // minute in the fault runs), delaying every other room.
+            let mut failed = std::collections::HashSet::new();
             if !full {
                 // Between rounds: only rooms this node is not caught up in.
                 for room in net.local_rooms() {
                     if self.caught_up(&room).is_none() {
-                        self.catch_up_room(&room).await;
+                        for peer in net.peers_of(&room) {
+                            if self.anti_entropy_exchange(peer, &room, &mut failed).await {
+                                break;
+                            }
+                        }
                     }
                     if *stop.borrow() {
                         return;
@@ -696,7 +707,7 @@ impl Timelines {
                 let peers = net.peers_of(&room);
                 let mut done = false;
                 for peer in peers.iter().copied().filter(|p| *p > me) {
-                    done |= self.anti_entropy_exchange(peer, &room).await;
+                    done |= self.anti_entropy_exchange(peer, &room, &mut failed).await;
                     if *stop.borrow() {
                         return;
                     }
@@ -704,7 +715,9 @@ impl Timelines {
                 // The greatest id, or a node behind: one more exchange, with a smaller id.
                 if !done || self.caught_up(&room).is_none() {
                     for peer in peers.iter().copied().filter(|p| *p < me) {
-                        if self.anti_entropy_exchange(peer, &room).await || *stop.borrow() {
+                        if self.anti_entropy_exchange(peer, &room, &mut failed).await
+                            || *stop.borrow()
+                        {
                             break;
                         }
                     }
@@ -719,16 +732,31 @@ impl Timelines {
         }
     }
 
-    /// One exchange of the anti-entropy loop; whether it completed.
-    async fn anti_entropy_exchange(&self, peer: u64, room: &RoomId) -> bool {
-        match self.sync_with(peer, room).await {
-            Ok(0) => true,
-            Ok(n) => {
+    /// One exchange of the anti-entropy loop, bounded by [`EXCHANGE_TIMEOUT`]; whether it
+    /// completed. Skips peers in `failed` and adds `peer` there when it fails.
+    async fn anti_entropy_exchange(
+        &self,
+        peer: u64,
+        room: &RoomId,
+        failed: &mut std::collections::HashSet<u64>,
+    ) -> bool {
+        if failed.contains(&peer) {
+            return false;
+        }
+        match tokio::time::timeout(EXCHANGE_TIMEOUT, self.sync_with(peer, room)).await {
+            Ok(Ok(0)) => true,
+            Ok(Ok(n)) => {
                 tracing::info!(room = %room, peer, entries = n, "anti-entropy caught up");
                 true
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::debug!(room = %room, peer, error = %e, "anti-entropy exchange failed");
+                failed.insert(peer);
+                false
+            }
+            Err(_) => {
+                tracing::debug!(room = %room, peer, "anti-entropy exchange timed out");
+                failed.insert(peer);
                 false
             }
         }
