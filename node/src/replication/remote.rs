@@ -572,15 +572,9 @@ impl Timelines {
         let Some((_, net)) = self.network() else {
             return true;
         };
-        for peer in net.peers_of(room) {
-            match self.sync_with(peer, room).await {
-                Ok(_) => return true,
-                Err(e) => {
-                    tracing::debug!(room = %room, peer, error = %e, "catch-up exchange failed")
-                }
-            }
-        }
-        false
+        let mut failed = std::collections::HashSet::new();
+        self.exchange_with_first(net.peers_of(room), room, &mut failed)
+            .await
     }
 
     /// Rounds of the automerge sync protocol with `peer` over one chunk, until neither
@@ -690,11 +684,8 @@ impl Timelines {
                 // Between rounds: only rooms this node is not caught up in.
                 for room in net.local_rooms() {
                     if self.caught_up(&room).is_none() {
-                        for peer in net.peers_of(&room) {
-                            if self.anti_entropy_exchange(peer, &room, &mut failed).await {
-                                break;
-                            }
-                        }
+                        self.exchange_with_first(net.peers_of(&room), &room, &mut failed)
+                            .await;
                     }
                     if *stop.borrow() {
                         return;
@@ -714,12 +705,10 @@ impl Timelines {
                 }
                 // The greatest id, or a node behind: one more exchange, with a smaller id.
                 if !done || self.caught_up(&room).is_none() {
-                    for peer in peers.iter().copied().filter(|p| *p < me) {
-                        if self.anti_entropy_exchange(peer, &room, &mut failed).await
-                            || *stop.borrow()
-                        {
-                            break;
-                        }
+                    let smaller = peers.iter().copied().filter(|p| *p < me);
+                    self.exchange_with_first(smaller, &room, &mut failed).await;
+                    if *stop.borrow() {
+                        return;
                     }
                 }
             }
@@ -730,6 +719,21 @@ impl Timelines {
                 );
             }
         }
+    }
+
+    /// Exchanges over `room` with `peers` in turn until one completes; whether one did.
+    async fn exchange_with_first(
+        &self,
+        peers: impl IntoIterator<Item = u64>,
+        room: &RoomId,
+        failed: &mut std::collections::HashSet<u64>,
+    ) -> bool {
+        for peer in peers {
+            if self.anti_entropy_exchange(peer, room, failed).await {
+                return true;
+            }
+        }
+        false
     }
 
     /// One exchange of the anti-entropy loop, bounded by [`EXCHANGE_TIMEOUT`]; whether it
