@@ -16,8 +16,12 @@
 //! there resumes exactly after the position (no gap, no duplicate); one holding others
 //! replays the whole window as well, and the client drops the ids it already showed
 //! (DESIGN §3: at least once, shown once). Within one stream every entry is sent once.
-//! An entry arriving more than the window behind a cursor is not replayed on resume
-//! (history still has it).
+//! An entry can also surface far more than the window behind the cursors of the
+//! streams that missed it: a send that failed ambiguously leaves its entry on its home
+//! node alone, and anti-entropy spreads it after the home comes back, maybe minutes
+//! later. Nodes journal such late entries when they gain them or hand them to a peer
+//! (`Timelines::late_since`), and a resume replays journal records stamped from shortly
+//! before its window on, besides the window itself (see [`LATE_SLACK_WINDOWS`]).
 //!
 //! A node that was down or cut off may lack entries far older than the window (written
 //! meanwhile on the other replicas), yet still deliver newer ones (its own, or pushed).
@@ -51,6 +55,16 @@ const REPLAY_PAGE: usize = 512;
 /// are forgotten; if one of them is still inside the resume window the stream stops
 /// putting a window digest in its cursors (a resume then replays the window).
 const SENT_MEMORY: usize = 100_000;
+
+/// A resume replays late-journal records stamped after its cursor's position less this
+/// many resume windows: the node that handed the cursor out caught up (within
+/// `CAUGHT_UP_FOR`, under half a window) with a peer that still lacked the entry, so
+/// the entry moved between nodes, and was journaled, after about that time; the second
+/// window absorbs clock skew between nodes.
+const LATE_SLACK_WINDOWS: u64 = 2;
+
+/// Journal records one resume reads at most per room.
+const LATE_LIMIT: usize = 100_000;
 
 /// How long opening a stream may spend catching this node up in its rooms.
 const CATCH_UP_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
@@ -182,7 +196,9 @@ pub(super) async fn subscribe(
     }
     let mut streams = StreamMap::new();
     let mut pos: BTreeMap<RoomId, RoomPos> = BTreeMap::new();
-    let mut start: Vec<(RoomId, MessageId, MessageId)> = Vec::new();
+    // Per room: replay after this id up to the watermark, and the late journal from the
+    // cursor's position, if resuming.
+    let mut start: Vec<(RoomId, MessageId, MessageId, Option<MessageId>)> = Vec::new();
     // One wait budget for the whole stream, however many rooms it resumes; time spent
     // in catch-up exchanges extends it, so they do not use up the wait.
     let catch_up_deadline = tokio::time::Instant::now() + CATCH_UP_BUDGET;
@@ -249,11 +265,11 @@ pub(super) async fn subscribe(
                 // window and then goes live.
                 match exact_ids.take() {
                     Some(here) => {
-                        start.push((room.id.clone(), c.id, watermark));
+                        start.push((room.id.clone(), c.id, watermark, Some(c.id)));
                         RoomPos::new(c.id, here.into_iter().collect(), c.window)
                     }
                     None => {
-                        start.push((room.id.clone(), window_floor(c.id), watermark));
+                        start.push((room.id.clone(), window_floor(c.id), watermark, Some(c.id)));
                         // Until it is caught up the stream hands the client's cursor back.
                         let mut p =
                             RoomPos::new(c.id, BTreeSet::new(), Some(WindowDigest::default()));
@@ -378,6 +394,35 @@ impl Sub {
         true
     }
 
+    /// Sends the entries this node journaled as late (at most `upto`) that sit at or
+    /// below the window of position `at`, from records stamped no earlier than
+    /// [`LATE_SLACK_WINDOWS`] windows before it (the window itself is replayed apart).
+    /// False once the client is gone.
+    async fn replay_late(&mut self, room: &RoomId, at: MessageId, upto: MessageId) -> bool {
+        let since = at
+            .physical_ms()
+            .saturating_sub(LATE_SLACK_WINDOWS * resume_window_ms());
+        let below = window_floor(at).min(upto);
+        let late = match self
+            .ctx
+            .timelines
+            .late_since(room, since, below, LATE_LIMIT)
+        {
+            Ok(l) => l,
+            Err(e) => {
+                let status: tonic::Status = ApiError::from(e).into();
+                let _ = self.tx.send(Err(status)).await;
+                return false;
+            }
+        };
+        for (id, ev) in late {
+            if !self.timeline(room, id, &ev).await {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Whether a live event removes this subscriber from the room.
     fn removes_me(&self, ev: &pb::Event) -> bool {
         use pb::MembershipChange as C;
@@ -400,12 +445,20 @@ async fn pump(
     user: UserId,
     mut streams: StreamMap<RoomId, BroadcastStream<HubEvent>>,
     pos: BTreeMap<RoomId, RoomPos>,
-    start: Vec<(RoomId, MessageId, MessageId)>,
+    start: Vec<(RoomId, MessageId, MessageId, Option<MessageId>)>,
     tx: Tx,
 ) {
     let mut sub = Sub { ctx, user, pos, tx };
-    for (room, from, watermark) in start {
-        if !sub.follow_catch_up(&room).await || !sub.catch_up(&room, from, watermark).await {
+    for (room, from, watermark, late) in start {
+        if !sub.follow_catch_up(&room).await {
+            return;
+        }
+        if let Some(at) = late {
+            if !sub.replay_late(&room, at, watermark).await {
+                return;
+            }
+        }
+        if !sub.catch_up(&room, from, watermark).await {
             return;
         }
     }
@@ -432,6 +485,7 @@ async fn pump(
                 let upto = sub.ctx.hub.watermark(&room).unwrap_or(MessageId::MIN);
                 let at = sub.pos.get(&room).map(|p| p.last).unwrap_or(MessageId::MIN);
                 sub.catch_up(&room, window_floor(at), upto).await
+                    && sub.replay_late(&room, at, upto).await
             }
         };
         if !ok {

@@ -46,6 +46,14 @@ impl Hlc {
         now_ms(self.offset_ms)
     }
 
+    /// The later of this node's wall clock and the newest id it issued or observed, in
+    /// ms: "now" as the room's ids see it, without issuing an id.
+    pub fn latest_ms(&self) -> u64 {
+        let wall = self.wall_ms();
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        wall.max(g.physical)
+    }
+
     /// A new id greater than every id this clock issued or observed, and greater than `after`.
     pub fn next(&self, after: Option<MessageId>) -> MessageId {
         let wall = self.wall_ms();

@@ -25,6 +25,13 @@
 //!   over what the node is sure it holds (see `api::subscribe`). So that every node
 //!   stays caught up, the replica with the greatest id also starts one exchange per
 //!   round, and a node not caught up in a room tries every peer.
+//! - That covers acknowledged entries only. An entry that was never acknowledged (its
+//!   home died right after writing it) may sit on one node for minutes and then spread
+//!   after cursors elsewhere moved far past it. So a node journals every entry older
+//!   than a quarter of the resume window that it gains from a peer (pushed or by
+//!   anti-entropy) or that a peer lacked and got from it in an exchange (worked out from
+//!   the heads the peer started from), stamped with its own clock; a resume replays the
+//!   journal records stamped since shortly before its window (`api::subscribe`).
 
 use std::sync::Arc;
 
@@ -75,6 +82,10 @@ pub const CAUGHT_UP_FOR: std::time::Duration = std::time::Duration::from_secs(25
 
 /// Longest one anti-entropy exchange (one room, one peer) may take in the background loop.
 const EXCHANGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a room's late-journal records are kept (`Timelines::late_since`): a resume
+/// from a cursor older than this may miss an entry that reached the room late.
+pub const LATE_RETAIN: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// How often a node tries to catch up in rooms it is not caught up in, between rounds.
 const CATCH_UP_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -224,6 +235,26 @@ async fn replicate(
     }
 }
 
+/// Once every head the peer started an exchange from (`start`) is in `doc`: the ids of
+/// the entries `doc` holds that the peer did not then (and `start` becomes `None`).
+fn peer_lacked(
+    room: &RoomId,
+    doc: &mut AutoCommit,
+    start: &mut Option<Vec<ChangeHash>>,
+) -> Vec<MessageId> {
+    let Some(heads) = start.as_ref() else {
+        return Vec::new();
+    };
+    if heads.iter().any(|h| doc.get_change_by_hash(h).is_none()) {
+        return Vec::new();
+    }
+    let heads = start.take().unwrap_or_default();
+    collect_new(room, doc, &heads)
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect()
+}
+
 /// Timeline entries `doc` gained since `before`, in id order.
 fn collect_new(
     room: &RoomId,
@@ -365,6 +396,7 @@ impl Timelines {
     ) -> Result<usize, TimelineError> {
         let t = &self.inner.tree;
         let n = new.len();
+        self.journal_late(room, rd, new.iter().map(|(id, _, _)| *id));
         for (id, bytes, entry) in new {
             self.inner.hlc.observe(id);
             rd.pending.push((key(b'e', room, &[&id.to_bytes()]), bytes));
@@ -407,6 +439,30 @@ impl Timelines {
         Ok(n)
     }
 
+    /// Journals those of `ids` that are late: older than a quarter of the resume window
+    /// by this node's clock (`l` records, written with the room's next batch). Called
+    /// for entries this node gained from a peer and for entries a peer lacked and got
+    /// from this node in an exchange: either way the entry was on fewer nodes until now,
+    /// so a cursor handed out meanwhile elsewhere may have passed it unseen, and a resume
+    /// replays the journal (`Timelines::late_since`) besides its window.
+    fn journal_late(
+        &self,
+        room: &RoomId,
+        rd: &mut RoomDoc,
+        ids: impl IntoIterator<Item = MessageId>,
+    ) {
+        let now = self.inner.hlc.latest_ms();
+        let late_ms = crate::delivery::resume_window_ms() / 4;
+        for id in ids {
+            if id.physical_ms().saturating_add(late_ms) < now {
+                rd.pending.push((
+                    key(b'l', room, &[&now.to_be_bytes(), &id.to_bytes()]),
+                    Vec::new(),
+                ));
+            }
+        }
+    }
+
     /// Answers one message of a peer's anti-entropy exchange for `room`'s chunk
     /// `req.chunk`; the reply also names this node's open chunk.
     pub async fn handle_sync(&self, req: &SyncRequest) -> Result<SyncReply, TimelineError> {
@@ -418,7 +474,7 @@ impl Timelines {
             let mut g = slot.lock().await;
             let rd = self.load_locked(&room, &mut g)?;
             let k = (req.from_node, room.clone(), req.chunk);
-            let mut state = {
+            let (mut state, mut start) = {
                 let mut states = self
                     .inner
                     .sync_states
@@ -429,7 +485,7 @@ impl Timelines {
                 }
                 states.remove(&k).unwrap_or_default()
             };
-            let message = self.with_chunk(&room, rd, req.chunk, |doc| {
+            let (message, lacked) = self.with_chunk(&room, rd, req.chunk, |doc| {
                 if !req.message.is_empty() {
                     let msg = automerge::sync::Message::decode(&req.message).map_err(|e| {
                         TimelineError::Invalid {
@@ -441,18 +497,24 @@ impl Timelines {
                         .map_err(|e| TimelineError::Invalid {
                             reason: format!("sync message refused: {e}"),
                         })?;
+                    if req.first {
+                        start = state.their_heads.clone();
+                    }
                 }
-                Ok(doc
+                let lacked = peer_lacked(&room, doc, &mut start);
+                let message = doc
                     .sync()
                     .generate_sync_message(&mut state)
                     .map(|m| m.encode())
-                    .unwrap_or_default())
+                    .unwrap_or_default();
+                Ok((message, lacked))
             })?;
+            self.journal_late(&room, rd, lacked);
             self.inner
                 .sync_states
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(k, state);
+                .insert(k, (state, start));
             let reply = SyncReply {
                 message,
                 open_chunk: rd.chunk,
@@ -592,6 +654,9 @@ impl Timelines {
         let mut gained = 0;
         let mut peer_open = 0;
         let mut state = automerge::sync::State::new();
+        // The heads the peer started from, until what it lacked is known.
+        let mut start: Option<Vec<ChangeHash>> = None;
+        let mut started = false;
         for round in 0..SYNC_ROUNDS {
             let msg = {
                 let mut g = slot.lock().await;
@@ -633,14 +698,20 @@ impl Timelines {
                     }
                 })?;
                 let had = rd.pending_events.len();
-                self.with_chunk(room, rd, chunk, |doc| {
+                let lacked = self.with_chunk(room, rd, chunk, |doc| {
                     doc.sync()
                         .receive_sync_message(&mut state, msg)
                         .map_err(|e| TimelineError::Invalid {
                             reason: format!("sync reply refused: {e}"),
-                        })
+                        })?;
+                    if !started {
+                        started = true;
+                        start = state.their_heads.clone();
+                    }
+                    Ok(peer_lacked(room, doc, &mut start))
                 })?;
                 gained += rd.pending_events.len().saturating_sub(had);
+                self.journal_late(room, rd, lacked);
                 if rd.pending.is_empty() {
                     None
                 } else {
@@ -694,7 +765,15 @@ impl Timelines {
                 continue;
             }
             let round = std::time::Instant::now();
+            let prune_before = self
+                .inner
+                .hlc
+                .latest_ms()
+                .saturating_sub(LATE_RETAIN.as_millis() as u64);
             for room in net.local_rooms() {
+                if let Err(e) = self.prune_late(&room, prune_before) {
+                    tracing::warn!(room = %room, error = %e, "could not prune the late journal");
+                }
                 let peers = net.peers_of(&room);
                 let mut done = false;
                 for peer in peers.iter().copied().filter(|p| *p > me) {

@@ -18,6 +18,8 @@
 //! - `a room target id` -> an amendment (edit, delete, reaction) of message `target`;
 //!   a message's `m` record is rebuilt from its own entry and these, in id order, so
 //!   replicas that received entries in different orders agree
+//! - `l room stamp id` -> empty: entry `id` reached this node or a peer (through this
+//!   node) late, when this node's clock read `stamp` (ms, u64 BE); see `late_since`
 //!
 //! To stay correct:
 //! - Writes to a room are serialized by the room's lock; ids are assigned, written and
@@ -231,6 +233,11 @@ pub(super) struct Commit {
     room: RoomId,
 }
 
+/// A peer's exchange over one chunk as this node answers it: the sync state, and the
+/// heads the peer started from until this node has worked out what the peer lacked
+/// (`None` after; see `remote::peer_lacked`).
+pub(super) type PeerSync = (automerge::sync::State, Option<Vec<automerge::ChangeHash>>);
+
 pub(super) type RoomSlot = Arc<tokio::sync::Mutex<Option<RoomDoc>>>;
 
 pub(super) struct Inner {
@@ -245,8 +252,8 @@ pub(super) struct Inner {
     pub(super) network: Mutex<Option<(u64, Arc<dyn super::Network>)>>,
     /// One sequential pusher per room, so each peer receives a room's changes in order.
     pub(super) pushers: Mutex<HashMap<RoomId, mpsc::UnboundedSender<super::remote::PushItem>>>,
-    /// automerge sync state per (peer, room, chunk).
-    pub(super) sync_states: Mutex<HashMap<(u64, RoomId, u32), automerge::sync::State>>,
+    /// automerge sync state per (peer, room, chunk) of exchanges peers started.
+    pub(super) sync_states: Mutex<HashMap<(u64, RoomId, u32), PeerSync>>,
     /// Sealed chunks (peer, room, chunk) already synced with a peer since start.
     pub(super) synced_sealed: Mutex<std::collections::HashSet<(u64, RoomId, u32)>>,
     /// Per room: when the newest anti-entropy exchange this node completed with another
@@ -785,12 +792,57 @@ impl Timelines {
         Ok(out)
     }
 
+    /// Entries of `room` this node journaled as late ([`Timelines::journal_late`]) at
+    /// `since_ms` or after, whose ids are at most `upto`, as events in id order (at most
+    /// `limit` journal records read). A resume adds these to its window: they may be
+    /// far older than the cursor, yet reached this node (or left it) after the client's
+    /// previous node handed the cursor out.
+    pub fn late_since(
+        &self,
+        room: &RoomId,
+        since_ms: u64,
+        upto: MessageId,
+        limit: usize,
+    ) -> Result<Vec<(MessageId, Event)>, TimelineError> {
+        let t = &self.inner.tree;
+        let start = key(b'l', room, &[&since_ms.to_be_bytes()]);
+        let mut end = key(b'l', room, &[]);
+        end.push(0xff);
+        let rows = t.range(start..end, limit)?;
+        let mut ids = std::collections::BTreeSet::new();
+        for (k, _) in rows {
+            let id = id_from_key(&k).ok_or_else(|| t.corrupt("late journal key"))?;
+            if id <= upto {
+                ids.insert(id);
+            }
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(v) = t.get(key(b'e', room, &[&id.to_bytes()]))? else {
+                continue;
+            };
+            let entry = TimelineEntry::decode(v.as_slice())
+                .map_err(|e| t.corrupt(format!("entry {id}: {e}")))?;
+            if let Some(ev) = entry_event(room, entry) {
+                out.push((id, ev));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops `room`'s late-journal records stamped before `before_ms`.
+    pub fn prune_late(&self, room: &RoomId, before_ms: u64) -> Result<usize, TimelineError> {
+        let lo = key(b'l', room, &[]);
+        let hi = key(b'l', room, &[&before_ms.to_be_bytes()]);
+        Ok(self.inner.tree.remove_range(lo..hi)?)
+    }
+
     /// Forgets a deleted room: its documents, index and channel.
     pub async fn purge_room(&self, room: &RoomId) -> Result<(), TimelineError> {
         let slot = self.slot(room);
         let mut g = slot.lock().await;
         *g = None;
-        for tag in [b'h', b's', b'c', b'e', b'm', b'k', b'a'] {
+        for tag in [b'h', b's', b'c', b'e', b'm', b'k', b'a', b'l'] {
             let lo = key(tag, room, &[]);
             let mut hi = lo.clone();
             hi.push(0xff);

@@ -434,6 +434,131 @@ async fn cursors_from_a_node_that_is_behind_do_not_skip_what_it_lacks() {
     );
 }
 
+/// The position a stream's cursor names in one room.
+fn cursor_position(cursor: &str) -> parley_node::ids::MessageId {
+    let c = parley_node::delivery::Cursor::decode(cursor).expect("a cursor the node handed out");
+    assert_eq!(c.0.len(), 1, "one room per cursor here");
+    c.0.values().next().expect("one room").id
+}
+
+/// An entry can surface long after the cursors of the streams that missed it moved past
+/// it: here A takes a `W = 1` message alone and goes down; B and C move on for more
+/// than the resume window (2 s); A comes back and anti-entropy spreads the message. A
+/// resume from a cursor far past it must still deliver it, on a node that gained it
+/// (B) and on the node it came from (A), which handed it to a peer late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_delivers_what_surfaced_after_its_cursor_passed_it() {
+    const WINDOW_MS: u64 = 2000;
+    let mut c = tokio::task::spawn_blocking(|| {
+        Cluster::start_with(3, &["--resume-window-ms", &WINDOW_MS.to_string()])
+    })
+    .await
+    .unwrap();
+    let (a, b, cc) = (0, 1, 2);
+    let alice = support::user(&c.nodes[a], "alice");
+    let carol = support::user(&c.nodes[a], "carol");
+    c.nodes[a]
+        .cli(
+            Some(&alice),
+            &["room", "create", "late", "--write-quorum", "1"],
+        )
+        .ok();
+    c.nodes[a].cli(Some(&carol), &["room", "join", "late"]).ok();
+    // Every node has served carol once, so each knows she is a member.
+    for n in [a, b, cc] {
+        let mut client = c.nodes[n].client(Some(&carol)).await;
+        drop(subscribe(&mut client, "late", "").await);
+    }
+
+    // B and C go down (cleanly); A takes one message alone and goes down too.
+    let mut c = tokio::task::spawn_blocking(move || {
+        c.nodes[b].stop();
+        c.nodes[cc].stop();
+        c
+    })
+    .await
+    .unwrap();
+    let mut alice_a = c.nodes[a].client(Some(&alice)).await;
+    let lonely = send(&mut alice_a, "late", "lonely")
+        .await
+        .expect("W=1 send on the lone node");
+    let lonely_id: parley_node::ids::MessageId = lonely.parse().expect("a message id");
+    let mut c = tokio::task::spawn_blocking(move || {
+        c.nodes[a].stop();
+        c.restart(b);
+        c.restart(cc);
+        c
+    })
+    .await
+    .unwrap();
+
+    // On B, carol's stream moves on for more than the window past the lonely message.
+    let mut carol_b = c.nodes[b].client(Some(&carol)).await;
+    let mut alice_b = c.nodes[b].client(Some(&alice)).await;
+    let mut s = subscribe(&mut carol_b, "late", "").await;
+    let mut shown = std::collections::BTreeSet::new();
+    let start = Instant::now();
+    let mut k = 0;
+    let far = loop {
+        k += 1;
+        let n = send(&mut alice_b, "late", &format!("on{k}"))
+            .await
+            .expect("acked by B");
+        let (got, cursor) = messages(&mut s, 1).await.remove(0);
+        assert_eq!(got, n);
+        assert_ne!(got, lonely, "B cannot have the lonely message yet");
+        shown.insert(got);
+        if cursor_position(&cursor).physical_ms() > lonely_id.physical_ms() + 2 * WINDOW_MS {
+            break cursor;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "B's cursor never moved past the window"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    drop(s);
+
+    // A comes back; anti-entropy brings the lonely message to B and C.
+    let c = tokio::task::spawn_blocking(move || {
+        c.restart(a);
+        c
+    })
+    .await
+    .unwrap();
+    let (token, want) = (alice.clone(), lonely.clone());
+    let c = tokio::task::spawn_blocking(move || {
+        for n in [b, cc] {
+            eventually(
+                Duration::from_secs(30),
+                "the lonely message spreads",
+                || ids(&c.nodes[n], &token, "late").contains(&want),
+            );
+        }
+        c
+    })
+    .await
+    .unwrap();
+
+    // Resumes from the far cursor deliver it: on B (gained it late) and on A (its home,
+    // which handed it over late). Nothing else was sent after the cursor; a resume may
+    // replay the window too, which the client already showed.
+    for n in [b, a] {
+        let mut client = c.nodes[n].client(Some(&carol)).await;
+        let mut resumed = subscribe(&mut client, "late", &far).await;
+        let got: Vec<String> = unseen_messages(&mut resumed, 1, &mut shown.clone())
+            .await
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(
+            got,
+            vec![lonely.clone()],
+            "a resume on node {n} from a cursor past the lonely message"
+        );
+    }
+}
+
 /// One message entry as a room's writer would put it into chunk 0: a fresh automerge
 /// actor, so the change depends on nothing and any replica can apply it.
 fn forged_change(room_id: &str, id: &str, sender: &str, text: &str) -> Vec<u8> {
