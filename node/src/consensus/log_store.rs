@@ -13,8 +13,12 @@
 //!   towards a quorum only once that callback fired.
 //! - `truncate` and `purge` are flushed before they return, and `purge` records the purged
 //!   log id before deleting entries, so [`LogState`] never reports a hole.
-//! - `save_committed` is not flushed on its own (losing it only delays re-applying on a
-//!   restart); it rides along with the next append's flush.
+//! - `save_committed` is flushed before it returns. openraft saves the commit index
+//!   before it applies entries and answers their writers, and a leader that restarts in
+//!   the same term (its vote committed) resumes leading at once and answers
+//!   linearizable reads up to `max(its first entry of the term, the saved commit index)`.
+//!   A saved index that lagged what was acknowledged would let such a read miss an
+//!   acknowledged change until the next write committed (FAULTS.md, anomaly 6).
 //! - Calls are serialized by openraft (one `&mut self` at a time); readers cloned through
 //!   `get_log_reader` only read committed-or-appended entries.
 
@@ -172,7 +176,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Some(c) => self.tree.insert(KEY_COMMITTED, codec::encode(&c)),
             None => self.tree.remove(KEY_COMMITTED),
         }
-        .map_err(io_write)
+        .map_err(io_write)?;
+        self.flush().await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
