@@ -32,6 +32,10 @@ enum Cmd {
     Check {
         /// A results folder or a history.jsonl file.
         path: PathBuf,
+        /// Most search steps the membership checker spends on one room before it
+        /// answers "undecided" (invalid).
+        #[arg(long, default_value_t = parley_jepsen::checker::Config::default().membership_search_budget)]
+        membership_budget: u64,
     },
     /// Remove the namespaces and node processes an interrupted run left behind.
     Cleanup {
@@ -167,7 +171,10 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Cmd::Run(a) => cmd_run(a).await,
-            Cmd::Check { path } => parley_jepsen::report::recheck(&path),
+            Cmd::Check {
+                path,
+                membership_budget,
+            } => parley_jepsen::report::recheck(&path, membership_budget),
             Cmd::Cleanup { out } => run::cleanup(&out).map(|()| true),
         }
     });

@@ -94,14 +94,18 @@ fn write_folder(
 }
 
 /// `jepsen check DIR|FILE`: checks a recorded history again with the run's settings.
-pub fn recheck(path: &Path) -> Result<bool> {
+pub fn recheck(path: &Path, membership_budget: u64) -> Result<bool> {
     let file = if path.is_dir() {
         path.join("history.jsonl")
     } else {
         path.to_path_buf()
     };
     let events = history::read(&file)?;
-    let verdicts = checker::check_all(&events, &checker_config(600, 3, 30_000));
+    let cfg = checker::Config {
+        membership_search_budget: membership_budget,
+        ..checker_config(600, 3, 30_000)
+    };
+    let verdicts = checker::check_all(&events, &cfg);
     let valid = verdicts.iter().all(|v| v.valid);
     let mut text = format!(
         "Parley jepsen history {} ({} events), checked again\n\n",
