@@ -255,6 +255,28 @@ fn peer_lacked(
         .collect()
 }
 
+/// Runs `f` on `doc`; its result, and the timeline entries the document gained (in id
+/// order) even if `f` failed partway (a batch whose third change does not decode still
+/// applied the first two: the index must follow the document). automerge records the
+/// ops applied meanwhile (its patch log, active only here), so finding the new entries
+/// costs what `f` applied, not a pass over the whole chunk.
+#[allow(clippy::type_complexity)]
+fn apply_and_collect<R>(
+    room: &RoomId,
+    doc: &mut AutoCommit,
+    f: impl FnOnce(&mut AutoCommit) -> Result<R, TimelineError>,
+) -> (
+    Result<R, TimelineError>,
+    Vec<(MessageId, Vec<u8>, TimelineEntry)>,
+) {
+    doc.update_diff_cursor();
+    let before = doc.get_heads();
+    let r = f(doc);
+    let new = collect_new(room, doc, &before);
+    doc.reset_diff_cursor();
+    (r, new)
+}
+
 /// Timeline entries `doc` gained since `before`, in id order.
 fn collect_new(
     room: &RoomId,
@@ -362,11 +384,9 @@ impl Timelines {
                 super::timeline::seal(t, room, rd)?;
             }
             if chunk == rd.chunk {
-                let before = rd.doc.get_heads();
-                let r = f(&mut rd.doc)?;
-                let new = collect_new(room, &mut rd.doc, &before);
+                let (r, new) = apply_and_collect(room, &mut rd.doc, f);
                 self.queue_new(room, rd, new, true)?;
-                return Ok(r);
+                return r;
             }
             let skey = key(b's', room, &[&chunk.to_be_bytes()]);
             let mut doc = match rd.read_through(t, &skey)? {
@@ -376,13 +396,12 @@ impl Timelines {
             };
             doc.set_actor(automerge::ActorId::random());
             let before = doc.get_heads();
-            let r = f(&mut doc)?;
-            let new = collect_new(room, &mut doc, &before);
+            let (r, new) = apply_and_collect(room, &mut doc, f);
             if !new.is_empty() || doc.get_heads() != before {
                 rd.pending.push((skey, doc.save()));
             }
             self.queue_new(room, rd, new, false)?;
-            Ok(r)
+            r
         })
     }
 

@@ -1,0 +1,98 @@
+//! What a replica pays to apply one pushed change (one 200-byte message) to a room
+//! whose open chunk already holds `n` entries: decode, apply, find the new entries,
+//! index them and flush (a real sled database in a temporary directory, fsync
+//! included). Run: `cargo bench -p parley-node --bench apply_push`.
+//!
+//! The cost should not grow with `n`; when it does, every push to a busy room gets
+//! slower as its chunk fills (see BENCHMARKS.md §5).
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use automerge::transaction::Transactable;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use parley_node::clock::Hlc;
+use parley_node::delivery::Hub;
+use parley_node::ids::{MessageId, RoomId};
+use parley_node::replication::{ChunkLimits, Timelines};
+use parley_node::store::Db;
+use parley_proto::v1 as pb;
+use prost::Message as _;
+
+const ROOM: &str = "rm_00000000000000c0";
+
+/// The room's writer: one automerge actor (as a home node's open chunk has), whose
+/// changes a replica applies in order.
+struct Writer {
+    doc: automerge::AutoCommit,
+    seq: u32,
+}
+
+impl Writer {
+    fn new() -> Self {
+        Self {
+            doc: automerge::AutoCommit::new(),
+            seq: 0,
+        }
+    }
+
+    /// The change that adds the next 200-byte message, as the writer pushes it.
+    fn next_change(&mut self) -> Vec<u8> {
+        self.seq += 1;
+        let id = MessageId::new(1_700_000_000_000, 0, 2, self.seq);
+        let entry = pb::TimelineEntry {
+            kind: Some(pb::timeline_entry::Kind::Message(pb::Message {
+                id: id.to_string(),
+                room_id: ROOM.into(),
+                sender: "alice".into(),
+                text: "x".repeat(200),
+                ..Default::default()
+            })),
+        };
+        self.doc
+            .put(
+                automerge::ROOT,
+                id.to_string(),
+                automerge::ScalarValue::Bytes(entry.encode_to_vec()),
+            )
+            .unwrap();
+        self.doc.save_incremental()
+    }
+}
+
+fn apply_push(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut group = c.benchmark_group("apply_push");
+    group.sample_size(20);
+    for n in [0usize, 2_000, 8_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let room = RoomId::parse(ROOM).unwrap();
+        let limits = ChunkLimits {
+            max_entries: 100_000,
+            max_bytes: 64 * 1024 * 1024,
+            ..ChunkLimits::default()
+        };
+        let mut writer = Writer::new();
+        let t = rt.block_on(async {
+            let db = Db::open(dir.path()).unwrap();
+            let t = Timelines::open(&db, Arc::new(Hlc::new(1, 0)), Hub::new(), limits).unwrap();
+            t.ensure_loaded(&room).await.unwrap();
+            let prefill: Vec<Vec<u8>> = (0..n).map(|_| writer.next_change()).collect();
+            for batch in prefill.chunks(500) {
+                assert!(t.apply_remote(&room, 0, batch).await.unwrap());
+            }
+            t
+        });
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                let ch = writer.next_change();
+                rt.block_on(t.apply_remote(&room, 0, &[ch])).unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, apply_push);
+criterion_main!(benches);
