@@ -310,7 +310,7 @@ impl Groups {
         let mut groups = BTreeMap::new();
         for gid in plan.groups_of(node.0) {
             let tree = db.tree(&format!("raft-{gid}")).map_err(storage_err)?;
-            let log = LogStore::new(db.clone(), tree.clone());
+            let log = LogStore::of_node(db.clone(), tree.clone(), node.0);
             let fresh = log.is_pristine().map_err(storage_err)?;
             let sm =
                 StateMachine::open(gid, db.clone(), tree, events.clone()).map_err(storage_err)?;

@@ -13,12 +13,15 @@
 //!   towards a quorum only once that callback fired.
 //! - `truncate` and `purge` are flushed before they return, and `purge` records the purged
 //!   log id before deleting entries, so [`LogState`] never reports a hole.
-//! - `save_committed` is flushed before it returns. openraft saves the commit index
-//!   before it applies entries and answers their writers, and a leader that restarts in
-//!   the same term (its vote committed) resumes leading at once and answers
-//!   linearizable reads up to `max(its first entry of the term, the saved commit index)`.
-//!   A saved index that lagged what was acknowledged would let such a read miss an
-//!   acknowledged change until the next write committed (FAULTS.md, anomaly 6).
+//! - On the group's leader, `save_committed` is flushed before it returns. openraft
+//!   saves the commit index before it applies entries and answers their writers, and a
+//!   leader that restarts in the same term (its vote committed) resumes leading at once
+//!   and answers linearizable reads up to `max(its first entry of the term, the saved
+//!   commit index)`. A saved index that lagged what was acknowledged would let such a
+//!   read miss an acknowledged change until the next write committed (FAULTS.md,
+//!   anomaly 6). A follower's commit index is not flushed on its own (losing it only
+//!   delays re-applying on a restart, and a follower never resumes as leader); it rides
+//!   along with the next flush, so heartbeats that move it do not wait for an fsync.
 //! - Calls are serialized by openraft (one `&mut self` at a time); readers cloned through
 //!   `get_log_reader` only read committed-or-appended entries.
 
@@ -56,6 +59,8 @@ const LOG_END: [u8; 1] = [LOG_PREFIX + 1];
 pub struct LogStore {
     db: Db,
     tree: Tree,
+    /// This node's id, to tell whether it leads the group (`None`: treated as leader).
+    node: Option<u64>,
 }
 
 fn io_read(e: impl std::error::Error + 'static) -> StorageError {
@@ -67,9 +72,33 @@ fn io_write(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 impl LogStore {
-    /// A log store over `tree` (normally `db.tree("raft-<group>")`).
+    /// A log store over `tree` (normally `db.tree("raft-<group>")`) that does not know
+    /// its node: it flushes every commit index it saves.
     pub fn new(db: Db, tree: Tree) -> Self {
-        Self { db, tree }
+        Self {
+            db,
+            tree,
+            node: None,
+        }
+    }
+
+    /// A log store of node `node`: it flushes the commit index only while `node` leads
+    /// the group (its saved vote is committed and its own).
+    pub fn of_node(db: Db, tree: Tree, node: u64) -> Self {
+        Self {
+            db,
+            tree,
+            node: Some(node),
+        }
+    }
+
+    /// Whether this node leads the group by its saved vote (always, without a node id).
+    fn leads(&self) -> Result<bool, StorageError> {
+        let Some(me) = self.node else {
+            return Ok(true);
+        };
+        let vote: Option<Vote> = self.read_meta(KEY_VOTE)?;
+        Ok(vote.is_some_and(|v| v.is_committed() && v.leader_id().voted_for() == Some(me)))
     }
 
     /// True when nothing was ever written: no vote, no entry, nothing purged. Only such a
@@ -177,7 +206,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             None => self.tree.remove(KEY_COMMITTED),
         }
         .map_err(io_write)?;
-        self.flush().await
+        if self.leads()? {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {

@@ -110,8 +110,8 @@ pub struct BenchArgs {
     /// from each message's scheduled time). 0 = closed loop.
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
-    /// Write quorum of the bench rooms (default: the cluster's on one node, 1 on a
-    /// cluster, since messages are not replicated across nodes yet).
+    /// Write quorum of the bench rooms (default: the cluster's, `W = 2` unless its nodes
+    /// were started with another `--write-quorum`).
     #[arg(long)]
     write_quorum: Option<u32>,
     /// Unacked sends allowed per sender.
