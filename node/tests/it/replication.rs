@@ -289,6 +289,29 @@ async fn subscribe(
     }
 }
 
+/// The resume window of the clusters of [`short_window_cluster`].
+const WINDOW_MS: u64 = 2000;
+
+/// Three processes with a [`WINDOW_MS`] resume window; alice (on node 0) creates
+/// `room` with `W = 1`, so a node left alone can still take a message, and carol joins.
+async fn short_window_cluster(room: &str) -> (Cluster, String, String) {
+    let c = tokio::task::spawn_blocking(|| {
+        Cluster::start_with(3, &["--resume-window-ms", &WINDOW_MS.to_string()])
+    })
+    .await
+    .unwrap();
+    let alice = support::user(&c.nodes[0], "alice");
+    let carol = support::user(&c.nodes[0], "carol");
+    c.nodes[0]
+        .cli(
+            Some(&alice),
+            &["room", "create", room, "--write-quorum", "1"],
+        )
+        .ok();
+    c.nodes[0].cli(Some(&carol), &["room", "join", room]).ok();
+    (c, alice, carol)
+}
+
 /// A node back from a crash that cannot reach its peers lacks what they wrote while it
 /// was down, older than the resume window (2 s here). Its stream still delivers what it
 /// has, but the cursors it hands out must not move past what it lacks: a resume
@@ -296,25 +319,8 @@ async fn subscribe(
 /// the same stream delivers them and its cursors move on, resuming exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cursors_from_a_node_that_is_behind_do_not_skip_what_it_lacks() {
-    const WINDOW_MS: u64 = 2000;
-    let mut c = tokio::task::spawn_blocking(|| {
-        Cluster::start_with(3, &["--resume-window-ms", &WINDOW_MS.to_string()])
-    })
-    .await
-    .unwrap();
+    let (mut c, alice, carol) = short_window_cluster("quiet").await;
     let (a, b, cc) = (0, 1, 2);
-    let alice = support::user(&c.nodes[a], "alice");
-    let carol = support::user(&c.nodes[a], "carol");
-    // W = 1, so the node left alone can still take a message.
-    c.nodes[a]
-        .cli(
-            Some(&alice),
-            &["room", "create", "quiet", "--write-quorum", "1"],
-        )
-        .ok();
-    c.nodes[a]
-        .cli(Some(&carol), &["room", "join", "quiet"])
-        .ok();
     // The first stream is on C, so C knows carol is a member before it goes down.
     let mut carol_c = c.nodes[cc].client(Some(&carol)).await;
     let mut alice_a = c.nodes[a].client(Some(&alice)).await;
@@ -448,22 +454,8 @@ fn cursor_position(cursor: &str) -> parley_node::ids::MessageId {
 /// (B) and on the node it came from (A), which handed it to a peer late.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_delivers_what_surfaced_after_its_cursor_passed_it() {
-    const WINDOW_MS: u64 = 2000;
-    let mut c = tokio::task::spawn_blocking(|| {
-        Cluster::start_with(3, &["--resume-window-ms", &WINDOW_MS.to_string()])
-    })
-    .await
-    .unwrap();
+    let (mut c, alice, carol) = short_window_cluster("late").await;
     let (a, b, cc) = (0, 1, 2);
-    let alice = support::user(&c.nodes[a], "alice");
-    let carol = support::user(&c.nodes[a], "carol");
-    c.nodes[a]
-        .cli(
-            Some(&alice),
-            &["room", "create", "late", "--write-quorum", "1"],
-        )
-        .ok();
-    c.nodes[a].cli(Some(&carol), &["room", "join", "late"]).ok();
     // Every node has served carol once, so each knows she is a member.
     for n in [a, b, cc] {
         let mut client = c.nodes[n].client(Some(&carol)).await;
