@@ -783,9 +783,7 @@ impl Timelines {
         let mut out = Vec::with_capacity(rows.len());
         for (k, v) in rows {
             let id = id_from_key(&k).ok_or_else(|| t.corrupt("entry key"))?;
-            let entry = TimelineEntry::decode(v.as_slice())
-                .map_err(|e| t.corrupt(format!("entry {id}: {e}")))?;
-            if let Some(ev) = entry_event(room, entry) {
+            if let Some(ev) = stored_event(t, room, id, &v)? {
                 out.push((id, ev));
             }
         }
@@ -821,9 +819,7 @@ impl Timelines {
             let Some(v) = t.get(key(b'e', room, &[&id.to_bytes()]))? else {
                 continue;
             };
-            let entry = TimelineEntry::decode(v.as_slice())
-                .map_err(|e| t.corrupt(format!("entry {id}: {e}")))?;
-            if let Some(ev) = entry_event(room, entry) {
+            if let Some(ev) = stored_event(t, room, id, &v)? {
                 out.push((id, ev));
             }
         }
@@ -860,6 +856,17 @@ impl Timelines {
         let rooms = self.inner.rooms.lock().unwrap_or_else(|p| p.into_inner());
         rooms.len()
     }
+}
+
+/// The event of entry `id` as stored in the `e` index (`None` for kinds with no event).
+fn stored_event(
+    t: &Tree,
+    room: &RoomId,
+    id: MessageId,
+    bytes: &[u8],
+) -> Result<Option<Event>, TimelineError> {
+    let entry = TimelineEntry::decode(bytes).map_err(|e| t.corrupt(format!("entry {id}: {e}")))?;
+    Ok(entry_event(room, entry))
 }
 
 /// Recomputes a message's current state (its history record) from the message's own
