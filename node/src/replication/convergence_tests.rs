@@ -668,6 +668,75 @@ fn a_replica_that_missed_a_sealed_chunk_catches_up() {
     run_case_with(&ops, false, limits).unwrap();
 }
 
+/// A replica that missed a push while its link was cut gets the change within seconds
+/// of the heal, from the anti-entropy loop's retries, although every node is caught up
+/// and the next full round is an hour away: the writer remembers the peer it owes.
+///
+/// Without that, the change waited for the next full round (FAULTS anomaly 7: after
+/// the final heal of a fault run, rounds stretched by load made convergence take 47.6 s).
+#[test]
+fn a_peer_that_missed_a_push_gets_it_soon_after_the_heal() {
+    let rt = runtime();
+    rt.block_on(async {
+        let c = start_cluster(ChunkLimits::default());
+        let ns = nodes(&c);
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let hour = std::time::Duration::from_secs(3600);
+        let loops: Vec<_> = ns
+            .iter()
+            .map(|tl| {
+                let (tl, stop) = (tl.clone(), stop.clone());
+                tokio::spawn(async move { tl.anti_entropy(hour, stop).await })
+            })
+            .collect();
+        // The first full round runs at once; wait until it made every node caught up.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ns.iter().any(|tl| tl.caught_up(&room()).is_none()) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the first anti-entropy round did not complete within 10 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+
+        c.set_link(0, 1, false);
+        let a = ns[0]
+            .send(NewMessage {
+                room: room(),
+                sender: user(0),
+                text: "sent while n1 and n2 were cut off".into(),
+                client_msg_id: "c1".into(),
+                after: None,
+                write_quorum: 2,
+                fence: None,
+            })
+            .await
+            .unwrap();
+        // n3 took the push (W = 2 acknowledged); the push to n2 failed on the cut link.
+        assert!(history(&ns[1]).is_empty());
+        c.set_link(0, 1, true);
+
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let h = history(&ns[1]);
+            if h.iter().any(|m| m.id == a.id.to_string()) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "n2 did not get the message within 10 s of the heal: {h:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let _ = stop_tx.send(true);
+        for l in loops {
+            l.await.unwrap();
+        }
+        c.nodes.lock().unwrap().clear();
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: 24,

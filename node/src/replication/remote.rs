@@ -25,6 +25,10 @@
 //!   over what the node is sure it holds (see `api::subscribe`). So that every node
 //!   stays caught up, the replica with the greatest id also starts one exchange per
 //!   round, and a node not caught up in a room tries every peer.
+//! - A writer whose push a peer did not take (down, cut off, slow, refused) owes that
+//!   peer an exchange over the room: the loop's retries between rounds start it every
+//!   second until one completes that began after the failure, so a heal is followed by
+//!   convergence within seconds, not at the next full round.
 //! - That covers acknowledged entries only. An entry that was never acknowledged (its
 //!   home died right after writing it) may sit on one node for minutes and then spread
 //!   after cursors elsewhere moved far past it. So a node journals every entry older
@@ -33,12 +37,15 @@
 //!   the heads the peer started from), stamped with its own clock; a resume replays the
 //!   journal records stamped since shortly before its window (`api::subscribe`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use automerge::sync::SyncDoc;
 use automerge::{AutoCommit, ChangeHash, PatchAction, ScalarValue, Value, ROOT};
 use futures::stream::{FuturesUnordered, StreamExt};
-use parley_proto::v1::{timeline_entry, PushChangesRequest, SyncReply, SyncRequest, TimelineEntry};
+use parley_proto::v1::{
+    timeline_entry, PushChangesReply, PushChangesRequest, SyncReply, SyncRequest, TimelineEntry,
+};
 use prost::Message as _;
 use tokio::sync::mpsc;
 
@@ -90,6 +97,16 @@ const ANTI_ENTROPY_ROOMS_AT_ONCE: usize = 4;
 /// Peers whose anti-entropy exchange failed during one pass, skipped for its rest.
 type FailedPeers = std::sync::Mutex<std::collections::HashSet<u64>>;
 
+/// (peer, room) pairs where the peer missed a push, with when the push failed.
+pub(crate) type Owed = std::sync::Mutex<HashMap<(u64, RoomId), std::time::Instant>>;
+
+/// Notes that `peer` missed a push in `room` (failed, timed out or refused).
+fn owe(owed: &Owed, peer: u64, room: &RoomId) {
+    owed.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert((peer, room.clone()), std::time::Instant::now());
+}
+
 /// How long a room's late-journal records are kept (`Timelines::late_since`): a resume
 /// from a cursor older than this may miss an entry that reached the room late.
 pub const LATE_RETAIN: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
@@ -108,7 +125,13 @@ pub(super) fn push(inner: &Arc<Inner>, net: &Arc<dyn Network>, room: &RoomId, it
     let mut pushers = inner.pushers.lock().unwrap_or_else(|p| p.into_inner());
     let tx = pushers.entry(room.clone()).or_insert_with(|| {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(pusher(net.clone(), me, room.clone(), rx));
+        tokio::spawn(pusher(
+            net.clone(),
+            inner.owed.clone(),
+            me,
+            room.clone(),
+            rx,
+        ));
         tx
     });
     if let Err(mpsc::error::SendError(item)) = tx.send(item) {
@@ -125,6 +148,7 @@ pub(super) fn push(inner: &Arc<Inner>, net: &Arc<dyn Network>, room: &RoomId, it
 /// as enough peers hold it; pushes to the remaining peers finish in the background.
 async fn pusher(
     net: Arc<dyn Network>,
+    owed: Arc<Owed>,
     me: u64,
     room: RoomId,
     mut rx: mpsc::UnboundedReceiver<PushItem>,
@@ -168,16 +192,17 @@ async fn pusher(
                 term: r.fence.map(|f| f.term),
                 authors: r.authors,
             };
-            replicate(&net, &room, req, r.waiters).await;
+            replicate(&net, &owed, &room, req, r.waiters).await;
         }
     }
 }
 
 /// Pushes one request to every peer and answers `waiters` as acknowledgements arrive:
 /// a writer is answered once its own round's local flush succeeded and `quorum - 1`
-/// peers hold the change durably.
+/// peers hold the change durably. A peer that does not take it is noted in `owed`.
 async fn replicate(
     net: &Arc<dyn Network>,
+    owed: &Arc<Owed>,
     room: &RoomId,
     req: PushChangesRequest,
     mut waiters: Vec<(Waiter, Flushed)>,
@@ -188,7 +213,10 @@ async fn replicate(
         .map(|peer| {
             let net = net.clone();
             let req = req.clone();
-            async move { tokio::time::timeout(QUORUM_TIMEOUT, net.push(peer, req)).await }
+            async move {
+                let r = tokio::time::timeout(QUORUM_TIMEOUT, net.push(peer, req)).await;
+                (peer, r)
+            }
         })
         .collect();
     let mut acks: u8 = 0;
@@ -218,13 +246,13 @@ async fn replicate(
         }
         let mut flush = waiters[0].1.clone();
         tokio::select! {
-            reply = pending.next(), if !pending.is_empty() => match reply {
-                Some(Ok(Ok(r))) if r.durable => acks = acks.saturating_add(1),
-                Some(Ok(Ok(r))) => tracing::debug!(room = %room, rejected = %r.rejected, "a peer did not take a push"),
-                Some(Ok(Err(e))) => tracing::debug!(room = %room, error = %e, "push failed"),
-                Some(Err(_)) => tracing::debug!(room = %room, "push timed out"),
-                None => {}
-            },
+            reply = pending.next(), if !pending.is_empty() => {
+                if let Some((peer, r)) = reply {
+                    if took_push(owed, peer, room, r) {
+                        acks = acks.saturating_add(1);
+                    }
+                }
+            }
             _ = flush.changed() => {}
             _ = tokio::time::sleep_until(deadline) => break,
         }
@@ -238,8 +266,32 @@ async fn replicate(
     }
     if !pending.is_empty() {
         // Slower peers still get the change; nobody waits for them.
-        tokio::spawn(async move { while pending.next().await.is_some() {} });
+        let (owed, room) = (owed.clone(), room.clone());
+        tokio::spawn(async move {
+            while let Some((peer, r)) = pending.next().await {
+                took_push(&owed, peer, &room, r);
+            }
+        });
     }
+}
+
+/// Whether `peer` holds a pushed change durably, from its reply; notes it in `owed` if not.
+fn took_push(
+    owed: &Owed,
+    peer: u64,
+    room: &RoomId,
+    reply: Result<Result<PushChangesReply, String>, tokio::time::error::Elapsed>,
+) -> bool {
+    match reply {
+        Ok(Ok(r)) if r.durable => return true,
+        Ok(Ok(r)) => {
+            tracing::debug!(room = %room, peer, rejected = %r.rejected, "a peer did not take a push")
+        }
+        Ok(Err(e)) => tracing::debug!(room = %room, peer, error = %e, "push failed"),
+        Err(_) => tracing::debug!(room = %room, peer, "push timed out"),
+    }
+    owe(owed, peer, room);
+    false
 }
 
 /// Once every head the peer started an exchange from (`start`) is in `doc`: the ids of
@@ -753,8 +805,9 @@ impl Timelines {
     /// Anti-entropy until `stop`: every `every`, each room this node replicates is synced
     /// with each peer whose id is greater than this node's; where there is none, or the
     /// node is not caught up in the room, also with the first other peer that answers.
-    /// Between rounds, every [`CATCH_UP_RETRY`], rooms it is not caught up in are tried.
-    /// Up to [`ANTI_ENTROPY_ROOMS_AT_ONCE`] rooms are worked on at a time.
+    /// Between rounds, every [`CATCH_UP_RETRY`], rooms it is not caught up in are tried,
+    /// and so is each peer that missed one of this node's pushes in a room since its last
+    /// exchange there. Up to [`ANTI_ENTROPY_ROOMS_AT_ONCE`] rooms are worked on at a time.
     pub async fn anti_entropy(
         &self,
         every: std::time::Duration,
@@ -802,12 +855,17 @@ impl Timelines {
             .latest_ms()
             .saturating_sub(LATE_RETAIN.as_millis() as u64);
         let failed = &failed;
-        futures::stream::iter(net.local_rooms())
+        let rooms = net.local_rooms();
+        let owed = &self.owed_by_room(&rooms);
+        futures::stream::iter(rooms)
             .for_each_concurrent(ANTI_ENTROPY_ROOMS_AT_ONCE, |room| async move {
                 if !full {
                     if self.caught_up(&room).is_none() {
                         self.exchange_with_first(net.peers_of(&room), &room, failed)
                             .await;
+                    }
+                    for peer in owed.get(&room).into_iter().flatten() {
+                        self.anti_entropy_exchange(*peer, &room, failed).await;
                     }
                     return;
                 }
@@ -826,6 +884,19 @@ impl Timelines {
                 }
             })
             .await;
+    }
+
+    /// The peers owed an exchange (a push of ours failed to reach them), by room, among
+    /// `rooms`; entries of rooms this node no longer replicates are dropped.
+    fn owed_by_room(&self, rooms: &[RoomId]) -> HashMap<RoomId, Vec<u64>> {
+        let local: std::collections::HashSet<&RoomId> = rooms.iter().collect();
+        let mut owed = self.inner.owed.lock().unwrap_or_else(|p| p.into_inner());
+        owed.retain(|(_, room), _| local.contains(room));
+        let mut by_room: HashMap<RoomId, Vec<u64>> = HashMap::new();
+        for (peer, room) in owed.keys() {
+            by_room.entry(room.clone()).or_default().push(*peer);
+        }
+        by_room
     }
 
     /// Exchanges over `room` with `peers` in turn until one completes; whether one did.
@@ -853,10 +924,20 @@ impl Timelines {
         let fail = || {
             failed().insert(peer);
         };
+        let started = std::time::Instant::now();
         match tokio::time::timeout(EXCHANGE_TIMEOUT, self.sync_with(peer, room)).await {
-            Ok(Ok(0)) => true,
             Ok(Ok(n)) => {
-                tracing::info!(room = %room, peer, entries = n, "anti-entropy caught up");
+                if n > 0 {
+                    tracing::info!(room = %room, peer, entries = n, "anti-entropy caught up");
+                }
+                // The peer now holds every push that failed before this exchange began.
+                let mut owed = self.inner.owed.lock().unwrap_or_else(|p| p.into_inner());
+                if owed
+                    .get(&(peer, room.clone()))
+                    .is_some_and(|at| *at <= started)
+                {
+                    owed.remove(&(peer, room.clone()));
+                }
                 true
             }
             Ok(Err(e)) => {

@@ -261,6 +261,10 @@ pub(super) struct Inner {
     pub(super) synced_at: Mutex<HashMap<RoomId, (std::time::Instant, u64)>>,
     /// The last catch-up epoch handed out.
     pub(super) sync_epochs: std::sync::atomic::AtomicU64,
+    /// Peers that missed a push of this node's, by (peer, room), with when the push
+    /// failed: the anti-entropy loop starts an exchange with each within a second,
+    /// instead of waiting for a full round (see `Timelines::anti_entropy`).
+    pub(super) owed: Arc<super::remote::Owed>,
 }
 
 /// The timelines of every room this node replicates. Cheap to clone.
@@ -316,6 +320,7 @@ impl Timelines {
             synced_sealed: Mutex::new(std::collections::HashSet::new()),
             synced_at: Mutex::new(HashMap::new()),
             sync_epochs: std::sync::atomic::AtomicU64::new(0),
+            owed: Arc::default(),
         });
         tokio::spawn(commit_pipeline(Arc::downgrade(&inner), commit_rx));
         Ok(Self { inner })
