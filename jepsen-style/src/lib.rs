@@ -3,6 +3,7 @@
 
 pub mod checker;
 pub mod history;
+pub mod matrix;
 pub mod nemesis;
 pub mod net;
 pub mod nodes;

@@ -1,5 +1,5 @@
-//! The results folder: summary.txt, results.json, latency.svg, outcomes.svg, next to
-//! history.jsonl and schedule.json.
+//! The results folder: summary.txt (with the fault matrix), results.json, latency.svg,
+//! outcomes.svg, next to history.jsonl and schedule.json.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -43,9 +43,7 @@ pub fn finish(cfg: &RunConfig, out: &RunOutput) -> Result<bool> {
         out.schedule.len(),
         out.events.len()
     );
-    text.push_str(&ops_table(&out.events));
-    text.push('\n');
-    text.push_str(&checker::render_text(&verdicts));
+    text.push_str(&body(&out.events, &verdicts));
     if !out.harness_errors.is_empty() {
         text.push_str("\nHarness errors (the run itself did not go as planned):\n");
         for e in &out.harness_errors {
@@ -66,6 +64,21 @@ pub fn finish(cfg: &RunConfig, out: &RunOutput) -> Result<bool> {
     print!("{text}");
     println!("results: {}", cfg.out.display());
     Ok(valid)
+}
+
+/// What a summary says after its title: operations, the fault matrix, the verdicts.
+fn body(events: &[Event], verdicts: &[Verdict]) -> String {
+    let mut text = ops_table(events);
+    text.push_str(
+        "\nFault matrix: operations completed under each fault, ok / fail / info per workload;\n\
+         anomalies by checker where one of their events lies inside the fault's windows.\n\n",
+    );
+    text.push_str(&crate::matrix::markdown(&crate::matrix::build(
+        events, verdicts,
+    )));
+    text.push('\n');
+    text.push_str(&checker::render_text(verdicts));
+    text
 }
 
 fn write_folder(
@@ -112,9 +125,7 @@ pub fn recheck(path: &Path, membership_budget: u64) -> Result<bool> {
         file.display(),
         events.len()
     );
-    text.push_str(&ops_table(&events));
-    text.push('\n');
-    text.push_str(&checker::render_text(&verdicts));
+    text.push_str(&body(&events, &verdicts));
     let _ = writeln!(
         text,
         "\n{}",
