@@ -39,9 +39,26 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     node::run(config, shutdown_signal()).await
 }
 
+/// automerge instruments `load_changes` with an INFO span whose fields Debug-format the
+/// document's whole change graph: with automerge at `info`, every applied push paid a
+/// walk over its chunk's history, and throughput decayed as chunks grew (BENCHMARKS.md
+/// §3). So automerge logs at WARN unless `RUST_LOG` names it.
+const AUTOMERGE_LOG: &str = "automerge=warn";
+
+/// The log filter for a `RUST_LOG` value (`None`: unset): `info` by default, automerge
+/// held at WARN unless the value says otherwise.
+fn log_filter(rust_log: Option<&str>) -> String {
+    match rust_log {
+        Some(spec) if spec.contains("automerge") => spec.to_string(),
+        Some(spec) if !spec.trim().is_empty() => format!("{spec},{AUTOMERGE_LOG}"),
+        _ => format!("info,{AUTOMERGE_LOG}"),
+    }
+}
+
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let spec = std::env::var("RUST_LOG").ok();
+    let filter = tracing_subscriber::EnvFilter::try_new(log_filter(spec.as_deref()))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter(None)));
     // Colours only on a terminal, so log files stay plain text. `try_init` fails only
     // if a subscriber is already set, which then keeps logging.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -75,4 +92,27 @@ async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_filter_holds_automerge_at_warn_unless_told_otherwise() {
+        assert_eq!(log_filter(None), "info,automerge=warn");
+        assert_eq!(log_filter(Some("")), "info,automerge=warn");
+        assert_eq!(log_filter(Some("debug")), "debug,automerge=warn");
+        assert_eq!(
+            log_filter(Some("info,automerge=trace")),
+            "info,automerge=trace"
+        );
+        for spec in [None, Some("debug"), Some("info,openraft=warn")] {
+            let f = log_filter(spec);
+            assert!(
+                tracing_subscriber::EnvFilter::try_new(&f).is_ok(),
+                "{f} does not parse"
+            );
+        }
+    }
 }
