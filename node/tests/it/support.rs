@@ -492,11 +492,26 @@ pub fn os(s: impl AsRef<OsStr>) -> OsString {
 
 /// A free TCP port on 127.0.0.1 (bound then released; cluster nodes need fixed ports
 /// because Raft membership names each node's gRPC address).
+///
+/// Ports come from below Linux's ephemeral range (32768 and up), so that between the
+/// release here and the node's bind an outgoing connection cannot take the port as its
+/// local port: with `bind(0)`, a CI run once lost a node that way (its peers waited for
+/// it until their genesis timeout). Each port is handed out once per test process; the
+/// walk starts at an offset drawn from the PID so that test processes rarely overlap.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    let _ = NEXT.compare_exchange(u32::MAX, start, SeqCst, SeqCst);
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, SeqCst) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN)
 }
 
 /// N `parley serve` processes forming one cluster (`--bootstrap-expect N`, every node
