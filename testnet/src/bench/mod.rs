@@ -54,6 +54,10 @@ use load::{Clock, SenderLog, SenderPlan, Shared};
 use report::{ConfigEcho, ProcReport, Report};
 use stats::{check_deliveries, merge_codes, new_hist, LatencySummary, SubscriberLog};
 
+/// What the hard cap allows for starting a cluster, setup and the report, around the
+/// send phase and the drain.
+const SETUP_ALLOWANCE: Duration = Duration::from_secs(180);
+
 #[derive(Args, Debug, Clone)]
 #[command(after_long_help = "\
 MODES
@@ -123,7 +127,9 @@ pub struct BenchArgs {
     /// Deadline of each RPC.
     #[arg(long, value_parser = duration::parse, default_value = "10s")]
     rpc_timeout: Duration,
-    /// Hard cap on the whole run (default: 3 min + the send phase + the drain).
+    /// Hard cap on the whole run (default: 3 min + the send phase + the drain). With
+    /// `--messages` in a closed loop it also lets sending go on past 10 minutes, until
+    /// 3 min + the drain + one RPC deadline before the cap.
     #[arg(long, value_parser = duration::parse)]
     timeout: Option<Duration>,
     /// PIDs of externally started nodes whose CPU and memory to report.
@@ -236,19 +242,26 @@ impl BenchArgs {
 
     /// When sending must stop at the latest, counted from the load start. Closed loop
     /// with a duration stops at the duration; open loop sends every message that fell
-    /// due (late ones count their lateness) but gives up after a grace period.
+    /// due (late ones count their lateness) but gives up after a grace period. Closed
+    /// loop with `--messages` gives up after 10 minutes, or, with `--timeout`, when what
+    /// is left of the hard cap is the setup allowance, the drain and one RPC deadline.
     fn send_bound(&self) -> Duration {
         let grace = |planned: Duration| planned + (planned / 2).max(Duration::from_secs(10));
         match (self.messages, self.rate > 0.0) {
             (None, false) => self.send_window(),
             (None, true) => grace(self.send_window()),
             (Some(m), true) => grace(Duration::from_secs_f64(m as f64 / self.rate)),
-            (Some(_), false) => Duration::from_secs(600),
+            (Some(_), false) => match self.timeout {
+                Some(cap) => cap
+                    .saturating_sub(SETUP_ALLOWANCE + self.drain + self.rpc_timeout)
+                    .max(Duration::from_secs(1)),
+                None => Duration::from_secs(600),
+            },
         }
     }
 
     fn hard_timeout(&self) -> Duration {
-        let one = Duration::from_secs(180) + self.send_bound() + self.drain + self.rpc_timeout;
+        let one = SETUP_ALLOWANCE + self.send_bound() + self.drain + self.rpc_timeout;
         self.timeout.unwrap_or(match self.mode() {
             Mode::Load => one,
             Mode::Sweep(points) => one * points.len().max(1) as u32,
@@ -827,6 +840,21 @@ mod tests {
             a.hard_timeout(),
             parse(&["--write-quorum", "2"]).unwrap().hard_timeout() * 2
         );
+    }
+
+    #[test]
+    fn a_message_count_sends_for_10_minutes_or_until_the_timeout_leaves_room_to_finish() {
+        let a = parse(&["--messages", "1000000"]).unwrap();
+        assert_eq!(a.send_bound(), Duration::from_secs(600));
+        let a = parse(&["--messages", "1000000", "--timeout", "75m"]).unwrap();
+        // 75 min less 3 min of setup, the 5 s drain and the 10 s RPC deadline.
+        assert_eq!(a.send_bound(), Duration::from_secs(75 * 60 - 180 - 5 - 10));
+        assert_eq!(a.hard_timeout(), Duration::from_secs(75 * 60));
+        let a = parse(&["--messages", "10", "--timeout", "1m"]).unwrap();
+        assert_eq!(a.send_bound(), Duration::from_secs(1));
+        // A duration bounds a closed loop by itself; the timeout does not stretch it.
+        let a = parse(&["--duration", "20s", "--timeout", "75m"]).unwrap();
+        assert_eq!(a.send_bound(), Duration::from_secs(20));
     }
 
     #[test]
