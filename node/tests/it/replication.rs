@@ -119,6 +119,11 @@ async fn messages_replicate_converge_and_resume_across_nodes() {
     for w in writers {
         w.await.unwrap();
     }
+    // A history read is local: a message acked by its home and one other replica may
+    // still be on its way to A (a CI run once read 189 here), so A is waited for too.
+    eventually(Duration::from_secs(20), "A holds all 190", || {
+        ids(&c.nodes[a], &alice, "town").len() == 190
+    });
     let expected = ids(&c.nodes[a], &alice, "town");
     assert_eq!(expected.len(), 190);
     let mut sorted = expected.clone();
