@@ -842,7 +842,7 @@ impl Timelines {
     }
 
     /// One pass of the anti-entropy loop over this node's rooms: a full round, or (between
-    /// rounds) only the rooms this node is not caught up in.
+    /// rounds) only the rooms this node is not caught up in and the peers it owes.
     async fn anti_entropy_pass(&self, me: u64, net: &dyn Network, full: bool) {
         use futures::StreamExt as _;
         // A peer whose exchange failed or timed out is skipped for the rest of this pass:
@@ -864,8 +864,11 @@ impl Timelines {
                         self.exchange_with_first(net.peers_of(&room), &room, failed)
                             .await;
                     }
+                    // The catch-up above may have settled a debt already.
                     for peer in owed.get(&room).into_iter().flatten() {
-                        self.anti_entropy_exchange(*peer, &room, failed).await;
+                        if self.owes(*peer, &room) {
+                            self.anti_entropy_exchange(*peer, &room, failed).await;
+                        }
                     }
                     return;
                 }
@@ -897,6 +900,15 @@ impl Timelines {
             by_room.entry(room.clone()).or_default().push(*peer);
         }
         by_room
+    }
+
+    /// Whether this node still owes `peer` an exchange over `room`.
+    fn owes(&self, peer: u64, room: &RoomId) -> bool {
+        self.inner
+            .owed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&(peer, room.clone()))
     }
 
     /// Exchanges over `room` with `peers` in turn until one completes; whether one did.
@@ -931,12 +943,10 @@ impl Timelines {
                     tracing::info!(room = %room, peer, entries = n, "anti-entropy caught up");
                 }
                 // The peer now holds every push that failed before this exchange began.
+                let key = (peer, room.clone());
                 let mut owed = self.inner.owed.lock().unwrap_or_else(|p| p.into_inner());
-                if owed
-                    .get(&(peer, room.clone()))
-                    .is_some_and(|at| *at <= started)
-                {
-                    owed.remove(&(peer, room.clone()));
+                if owed.get(&key).is_some_and(|at| *at <= started) {
+                    owed.remove(&key);
                 }
                 true
             }
