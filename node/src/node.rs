@@ -65,6 +65,8 @@ pub struct Config {
     pub snapshot_every: u64,
     /// Timelines: compact a room's open chunk after this many changes (0 = the default).
     pub compact_every: usize,
+    /// Timelines: seal a room's open chunk once it holds this many entries (0 = the default).
+    pub chunk_entries: usize,
 }
 
 impl Config {
@@ -85,6 +87,7 @@ impl Config {
             genesis_timeout: Duration::from_secs(600),
             snapshot_every: 0,
             compact_every: 0,
+            chunk_entries: 0,
         }
     }
 }
@@ -201,6 +204,9 @@ pub async fn run(
     let mut limits = ChunkLimits::default();
     if config.compact_every > 0 {
         limits.compact_every = config.compact_every;
+    }
+    if config.chunk_entries > 0 {
+        limits.max_entries = config.chunk_entries;
     }
     let timelines = Timelines::open(&db, hlc.clone(), hub.clone(), limits)?;
     let markers = Markers::open(&db)?;

@@ -259,6 +259,11 @@ pub struct ServeArgs {
     /// Tuning/tests: compact a room's open chunk after this many changes (0 = default 2000).
     #[arg(long, default_value_t = 0, hide = true)]
     pub timeline_compact_every: usize,
+    /// Tuning: seal a room's open chunk once it holds this many entries (0 = default 1000).
+    /// A chunk's document is walked whole when a peer's change is merged into it, so
+    /// smaller chunks keep merges cheap; every node of a cluster should use the same.
+    #[arg(long, default_value_t = 0, hide = true, env = "PARLEY_CHUNK_ENTRIES")]
+    pub timeline_chunk_entries: usize,
     /// Tests: the delivery resume window in milliseconds (0 = default 60000); every node
     /// of a cluster must use the same.
     #[arg(long, default_value_t = 0, hide = true)]

@@ -25,6 +25,7 @@ impl ServeArgs {
         c.genesis_timeout = Duration::from_secs(self.genesis_timeout);
         c.snapshot_every = self.raft_snapshot_every;
         c.compact_every = self.timeline_compact_every;
+        c.chunk_entries = self.timeline_chunk_entries;
         c
     }
 }
