@@ -1018,28 +1018,25 @@ async fn commit_pipeline(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedR
         for (room, slot) in rooms {
             guards.push((room, slot.lock_owned().await));
         }
-        let outcomes: Vec<Option<Result<Persisted, StoreError>>> = blocking(|| {
+        let done: Vec<(RoomId, Persisted)> = blocking(|| {
             guards
-                .iter_mut()
-                .map(|(room, g)| g.as_mut().map(|rd| persist(&inner, room, rd)))
-                .collect()
-        });
-        let mut done: Vec<(RoomId, Persisted)> = Vec::with_capacity(guards.len());
-        for ((room, mut g), outcome) in guards.into_iter().zip(outcomes) {
-            match outcome {
-                None => {}
-                Some(Ok(p)) => done.push((room, p)),
-                Some(Err(e)) => {
-                    tracing::error!(room = %room, error = %e, "timeline write failed; reloading the room");
-                    if let Some(rd) = g.as_mut() {
-                        for w in std::mem::take(&mut rd.pending_waiters) {
-                            let _ = w.done.send(Err(e.clone().into()));
+                .into_iter()
+                .filter_map(|(room, mut g)| {
+                    let rd = g.as_mut()?;
+                    match persist(&inner, &room, rd) {
+                        Ok(p) => Some((room, p)),
+                        Err(e) => {
+                            tracing::error!(room = %room, error = %e, "timeline write failed; reloading the room");
+                            for w in std::mem::take(&mut rd.pending_waiters) {
+                                let _ = w.done.send(Err(e.clone().into()));
+                            }
+                            *g = None;
+                            None
                         }
                     }
-                    *g = None;
-                }
-            }
-        }
+                })
+                .collect()
+        });
         // Changes go to the peers now, while this node flushes: a writer is answered
         // once its entry is flushed here and acknowledged by enough peers.
         let network = inner
