@@ -244,7 +244,19 @@ async fn replicate(
         {
             break;
         }
-        let mut flush = waiters[0].1.clone();
+        // A local flush still under way, if any: its outcome may answer someone. One
+        // that has an outcome is final (its sender is gone, so `changed` would return
+        // at once, again and again: never wait on it).
+        let mut flush = waiters
+            .iter()
+            .find(|(_, f)| f.borrow().is_none())
+            .map(|(_, f)| f.clone());
+        let flush_changed = async {
+            match flush.as_mut() {
+                Some(f) => f.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             reply = pending.next(), if !pending.is_empty() => {
                 if let Some((peer, r)) = reply {
@@ -253,7 +265,13 @@ async fn replicate(
                     }
                 }
             }
-            _ = flush.changed() => {}
+            changed = flush_changed => {
+                if !changed {
+                    // The pipeline went away without an outcome (shutdown): nothing
+                    // more will come; those left are answered below.
+                    break;
+                }
+            }
             _ = tokio::time::sleep_until(deadline) => break,
         }
     }
