@@ -23,13 +23,15 @@ use crate::discovery::{Discovery, DiscoveryConfig, NodeRecord};
 use crate::ids::NodeId;
 use crate::ids::RoomId;
 use crate::placement::Placement;
+use crate::replication::lanes::{BatchTransport, PushLanes};
 use crate::replication::markers::Markers;
 use crate::replication::presence::Presence;
 use crate::replication::{ChunkLimits, Network, Timelines};
 use crate::store::Db;
 use parley_proto::v1::cluster_client::ClusterClient;
 use parley_proto::v1::{
-    GossipReply, GossipRequest, PushChangesReply, PushChangesRequest, SyncReply, SyncRequest,
+    GossipReply, GossipRequest, PushBatchRequest, PushChangesReply, PushChangesRequest, SyncReply,
+    SyncRequest,
 };
 
 /// Everything a node needs to start. `Config::default_for(dir)` gives test defaults.
@@ -241,12 +243,7 @@ pub async fn run(
     tasks.spawn(applied_events(ctx.clone(), applied_rx, stop_rx.clone()));
     tasks.spawn(expiry(ctx.clone(), stop_rx.clone()));
     if groups.plan().members.len() > 1 {
-        let net = ClusterNet {
-            groups: groups.clone(),
-            placement: ctx.placement,
-            me: node.0,
-            peers: crate::consensus::Peers::new(node.0),
-        };
+        let net = ClusterNet::new(groups.clone(), ctx.placement, node.0);
         ctx.timelines.set_network(node.0, Arc::new(net));
         let timelines = ctx.timelines.clone();
         let stop = stop_rx.clone();
@@ -640,15 +637,67 @@ struct ClusterNet {
     /// Connections of their own: pushes wait for the receiver's flush, and must not take
     /// the request slots of Raft's connection to the same peer.
     peers: crate::consensus::Peers,
+    /// Pushes travel in per-peer batches over `peers` (see `replication::lanes`).
+    lanes: PushLanes<PeerLink>,
 }
 
 impl ClusterNet {
+    fn new(groups: Groups, placement: Placement, me: u64) -> Self {
+        let peers = crate::consensus::Peers::new(me);
+        let link = PeerLink {
+            groups: groups.clone(),
+            peers: peers.clone(),
+        };
+        Self {
+            groups,
+            placement,
+            me,
+            peers,
+            lanes: PushLanes::new(link),
+        }
+    }
+}
+
+/// A node's replication connections to its peers (shared with its `ClusterNet`).
+struct PeerLink {
+    groups: Groups,
+    peers: crate::consensus::Peers,
+}
+
+impl PeerLink {
     fn client(&self, node: u64) -> Result<ClusterClient<tonic::transport::Channel>, String> {
         let addr = self
             .groups
             .addr_of(node)
             .ok_or_else(|| format!("no address for node {node}"))?;
         self.peers.client(node, &addr).map_err(|e| e.to_string())
+    }
+}
+
+#[tonic::async_trait]
+impl BatchTransport for PeerLink {
+    async fn push_batch(
+        &self,
+        node: u64,
+        pushes: Vec<PushChangesRequest>,
+        timeout: Duration,
+    ) -> Result<Vec<Result<PushChangesReply, String>>, String> {
+        let mut c = self.client(node)?;
+        let mut req = tonic::Request::new(PushBatchRequest { pushes });
+        req.set_timeout(timeout);
+        let r = c
+            .push_batch(req)
+            .await
+            .map_err(|s| s.message().to_string())?;
+        self.peers.mark_ok(node);
+        Ok(r.into_inner()
+            .outcomes
+            .into_iter()
+            .map(|o| match o.reply {
+                Some(reply) => Ok(reply),
+                None => Err(o.error),
+            })
+            .collect())
     }
 }
 
@@ -685,17 +734,11 @@ impl Network for ClusterNet {
     }
 
     async fn push(&self, node: u64, req: PushChangesRequest) -> Result<PushChangesReply, String> {
-        let mut c = self.client(node)?;
-        let r = c
-            .push_changes(req)
-            .await
-            .map_err(|s| s.message().to_string())?;
-        self.peers.mark_ok(node);
-        Ok(r.into_inner())
+        self.lanes.push(node, req).await
     }
 
     async fn sync(&self, node: u64, req: SyncRequest) -> Result<SyncReply, String> {
-        let mut c = self.client(node)?;
+        let mut c = self.lanes.transport().client(node)?;
         let r = c
             .sync_room(req)
             .await

@@ -23,8 +23,8 @@ use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use parley_proto::v1::cluster_server::Cluster;
 use parley_proto::v1::{
     BarrierReply, BarrierRequest, ForwardReply, ForwardRequest, GossipReply, GossipRequest,
-    HelloReply, HelloRequest, PushChangesReply, PushChangesRequest, RaftReply, RaftRequest,
-    SyncReply, SyncRequest,
+    HelloReply, HelloRequest, PushBatchReply, PushBatchRequest, PushChangesReply,
+    PushChangesRequest, PushOutcome, RaftReply, RaftRequest, SyncReply, SyncRequest,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -193,6 +193,43 @@ pub struct ClusterRaftService {
 #[tonic::async_trait]
 pub trait ReplicationHandler: Send + Sync + 'static {
     async fn push_changes(&self, req: PushChangesRequest) -> Result<PushChangesReply, Status>;
+
+    /// Several pushes at once, each handled as by [`Self::push_changes`]: the pushes of
+    /// one room one after another in the order given (a later change may depend on an
+    /// earlier one), different rooms concurrently, so their flushes share a group commit.
+    async fn push_batch(&self, pushes: Vec<PushChangesRequest>) -> Vec<PushOutcome> {
+        let n = pushes.len();
+        let mut by_room: Vec<(String, Vec<(usize, PushChangesRequest)>)> = Vec::new();
+        for (i, p) in pushes.into_iter().enumerate() {
+            match by_room.iter_mut().find(|(room, _)| *room == p.room_id) {
+                Some((_, list)) => list.push((i, p)),
+                None => by_room.push((p.room_id.clone(), vec![(i, p)])),
+            }
+        }
+        let rooms = by_room.into_iter().map(|(_, list)| async move {
+            let mut out = Vec::with_capacity(list.len());
+            for (i, p) in list {
+                let outcome = match self.push_changes(p).await {
+                    Ok(reply) => PushOutcome {
+                        reply: Some(reply),
+                        error: String::new(),
+                    },
+                    Err(status) => PushOutcome {
+                        reply: None,
+                        error: status.message().to_string(),
+                    },
+                };
+                out.push((i, outcome));
+            }
+            out
+        });
+        let mut outcomes = vec![PushOutcome::default(); n];
+        for (i, o) in futures::future::join_all(rooms).await.into_iter().flatten() {
+            outcomes[i] = o;
+        }
+        outcomes
+    }
+
     async fn sync_room(&self, req: SyncRequest) -> Result<SyncReply, Status>;
     async fn gossip(&self, req: GossipRequest) -> Result<GossipReply, Status>;
 }
@@ -278,6 +315,15 @@ impl Cluster for ClusterRaftService {
     ) -> Result<Response<PushChangesReply>, Status> {
         let h = self.replication()?;
         h.push_changes(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn push_batch(
+        &self,
+        req: Request<PushBatchRequest>,
+    ) -> Result<Response<PushBatchReply>, Status> {
+        let h = self.replication()?;
+        let outcomes = h.push_batch(req.into_inner().pushes).await;
+        Ok(Response::new(PushBatchReply { outcomes }))
     }
 
     async fn sync_room(&self, req: Request<SyncRequest>) -> Result<Response<SyncReply>, Status> {
@@ -466,5 +512,74 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, RpcError::Unreachable(_)), "{err:?}");
+    }
+
+    /// Logs when each push starts and ends; room "a"'s first push waits until room "b"
+    /// was handled, which only a batch that runs rooms concurrently lets happen.
+    struct Ordered {
+        log: std::sync::Mutex<Vec<String>>,
+        b_done: tokio::sync::Notify,
+    }
+
+    #[tonic::async_trait]
+    impl ReplicationHandler for Ordered {
+        async fn push_changes(&self, req: PushChangesRequest) -> Result<PushChangesReply, Status> {
+            let name = format!("{}{}", req.room_id, req.chunk);
+            self.log.lock().unwrap().push(format!("start {name}"));
+            if name == "a0" {
+                self.b_done.notified().await;
+            }
+            self.log.lock().unwrap().push(format!("end {name}"));
+            if name == "b0" {
+                self.b_done.notify_one();
+            }
+            if name == "b1" {
+                return Err(Status::failed_precondition("stale home"));
+            }
+            Ok(PushChangesReply {
+                durable: true,
+                rejected: name,
+            })
+        }
+        async fn sync_room(&self, _: SyncRequest) -> Result<SyncReply, Status> {
+            Err(Status::unimplemented("not here"))
+        }
+        async fn gossip(&self, _: GossipRequest) -> Result<GossipReply, Status> {
+            Err(Status::unimplemented("not here"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_push_batch_keeps_each_rooms_order_and_answers_in_request_order() {
+        let h = Ordered {
+            log: std::sync::Mutex::new(Vec::new()),
+            b_done: tokio::sync::Notify::new(),
+        };
+        let push = |room: &str, chunk: u32| PushChangesRequest {
+            room_id: room.into(),
+            chunk,
+            ..Default::default()
+        };
+        let batch = vec![push("a", 0), push("b", 0), push("a", 1), push("b", 1)];
+        let outcomes = tokio::time::timeout(Duration::from_secs(10), h.push_batch(batch))
+            .await
+            .expect("rooms of one batch must not wait for each other");
+        let answered: Vec<(String, String)> = outcomes
+            .into_iter()
+            .map(|o| (o.reply.map(|r| r.rejected).unwrap_or_default(), o.error))
+            .collect();
+        assert_eq!(
+            answered,
+            vec![
+                ("a0".to_string(), String::new()),
+                ("b0".to_string(), String::new()),
+                ("a1".to_string(), String::new()),
+                (String::new(), "stale home".to_string()),
+            ]
+        );
+        let log = h.log.lock().unwrap().clone();
+        let at = |e: &str| log.iter().position(|l| l == e).unwrap();
+        assert!(at("end a0") < at("start a1"), "{log:?}");
+        assert!(at("end b0") < at("start b1"), "{log:?}");
     }
 }

@@ -16,6 +16,7 @@
 #[cfg(test)]
 mod convergence_tests;
 pub mod gossip;
+pub mod lanes;
 pub mod markers;
 pub mod presence;
 mod remote;
