@@ -94,5 +94,58 @@ fn apply_push(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, apply_push);
+/// Eight messages reaching a replica whose open chunk holds 800 entries: as eight
+/// pushes of one change, and as one push of eight (what a pusher sends when changes
+/// queued while its previous push was out; the replica loads them as one batch).
+fn apply_eight(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut group = c.benchmark_group("apply_eight_at_800");
+    group.sample_size(20);
+    group.throughput(criterion::Throughput::Elements(8));
+    for together in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let room = RoomId::parse(ROOM).unwrap();
+        let limits = ChunkLimits {
+            max_entries: 100_000,
+            max_bytes: 64 * 1024 * 1024,
+            ..ChunkLimits::default()
+        };
+        let mut writer = Writer::new();
+        let t = rt.block_on(async {
+            let db = Db::open(dir.path()).unwrap();
+            let t = Timelines::open(&db, Arc::new(Hlc::new(1, 0)), Hub::new(), limits).unwrap();
+            t.ensure_loaded(&room).await.unwrap();
+            let prefill: Vec<Vec<u8>> = (0..800).map(|_| writer.next_change()).collect();
+            for batch in prefill.chunks(500) {
+                assert!(t.apply_remote(&room, 0, batch).await.unwrap());
+            }
+            t
+        });
+        let name = if together {
+            "one_push_of_eight"
+        } else {
+            "eight_pushes_of_one"
+        };
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let eight: Vec<Vec<u8>> = (0..8).map(|_| writer.next_change()).collect();
+                rt.block_on(async {
+                    if together {
+                        assert!(t.apply_remote(&room, 0, &eight).await.unwrap());
+                    } else {
+                        for one in &eight {
+                            assert!(t
+                                .apply_remote(&room, 0, std::slice::from_ref(one))
+                                .await
+                                .unwrap());
+                        }
+                    }
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, apply_push, apply_eight);
 criterion_main!(benches);

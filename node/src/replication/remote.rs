@@ -430,8 +430,20 @@ impl Timelines {
             let mut g = slot.lock().await;
             let rd = self.load_locked(room, &mut g)?;
             let complete = self.with_chunk(room, rd, chunk, |doc| {
-                for c in changes {
-                    doc.load_incremental(c)
+                // One load for all of them: automerge applies a load as one batch, and
+                // a batch walks the chunk's map once, however many changes it holds
+                // (a sequence of saved changes is itself a valid incremental save).
+                let joined;
+                let data: &[u8] = match changes {
+                    [] => &[],
+                    [one] => one,
+                    _ => {
+                        joined = changes.concat();
+                        &joined
+                    }
+                };
+                if !data.is_empty() {
+                    doc.load_incremental(data)
                         .map_err(|e| TimelineError::Invalid {
                             reason: format!("a pushed change does not decode: {e}"),
                         })?;

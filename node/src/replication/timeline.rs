@@ -1327,6 +1327,53 @@ mod tests {
             .all(|p| p.term.is_none() && p.authors == ["alice"]));
     }
 
+    /// The change a writer's open chunk makes when it adds message `seq`.
+    fn writer_change(doc: &mut AutoCommit, r: &RoomId, seq: u32) -> Vec<u8> {
+        let id = MessageId::new(1_700_000_000_000, 0, 2, seq);
+        let entry = TimelineEntry {
+            kind: Some(timeline_entry::Kind::Message(Message {
+                id: id.to_string(),
+                room_id: r.to_string(),
+                sender: "bob".into(),
+                text: format!("m{seq}"),
+                ..Default::default()
+            })),
+        };
+        doc.put(
+            ROOT,
+            id.to_string(),
+            ScalarValue::Bytes(entry.encode_to_vec()),
+        )
+        .unwrap();
+        doc.save_incremental()
+    }
+
+    #[tokio::test]
+    async fn several_pushed_changes_apply_together_and_a_gap_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, tl, _hub) = open(dir.path(), ChunkLimits::default()).await;
+        let r = room(9);
+        let mut writer = AutoCommit::new();
+        let changes: Vec<Vec<u8>> = (1..=5).map(|i| writer_change(&mut writer, &r, i)).collect();
+        // Three in one push: all applied, in order, and the push is complete.
+        assert!(tl.apply_remote(&r, 0, &changes[..3]).await.unwrap());
+        // The fifth without the fourth: applied once the fourth comes, not before.
+        assert!(!tl.apply_remote(&r, 0, &changes[4..]).await.unwrap());
+        let texts = |tl: &Timelines| {
+            let q = HistoryQuery {
+                limit: 10,
+                ..Default::default()
+            };
+            let (page, _) = tl.history(&r, &q).unwrap();
+            let mut texts: Vec<String> = page.into_iter().map(|m| m.text).collect();
+            texts.sort();
+            texts
+        };
+        assert_eq!(texts(&tl), ["m1", "m2", "m3"]);
+        assert!(tl.apply_remote(&r, 0, &changes[3..4]).await.unwrap());
+        assert_eq!(texts(&tl), ["m1", "m2", "m3", "m4", "m5"]);
+    }
+
     #[tokio::test]
     async fn send_history_and_idempotent_retry() {
         let dir = tempfile::tempdir().unwrap();
