@@ -61,29 +61,39 @@ impl Writer {
     }
 }
 
+/// A replica (real sled in a temporary directory) whose open chunk holds `n` entries
+/// from one writer, with that writer to make the next changes.
+fn replica(
+    rt: &tokio::runtime::Runtime,
+    n: usize,
+) -> (tempfile::TempDir, RoomId, Writer, Timelines) {
+    let dir = tempfile::tempdir().unwrap();
+    let room = RoomId::parse(ROOM).unwrap();
+    let limits = ChunkLimits {
+        max_entries: 100_000,
+        max_bytes: 64 * 1024 * 1024,
+        ..ChunkLimits::default()
+    };
+    let mut writer = Writer::new();
+    let t = rt.block_on(async {
+        let db = Db::open(dir.path()).unwrap();
+        let t = Timelines::open(&db, Arc::new(Hlc::new(1, 0)), Hub::new(), limits).unwrap();
+        t.ensure_loaded(&room).await.unwrap();
+        let prefill: Vec<Vec<u8>> = (0..n).map(|_| writer.next_change()).collect();
+        for batch in prefill.chunks(500) {
+            assert!(t.apply_remote(&room, 0, batch).await.unwrap());
+        }
+        t
+    });
+    (dir, room, writer, t)
+}
+
 fn apply_push(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut group = c.benchmark_group("apply_push");
     group.sample_size(20);
     for n in [0usize, 2_000, 8_000] {
-        let dir = tempfile::tempdir().unwrap();
-        let room = RoomId::parse(ROOM).unwrap();
-        let limits = ChunkLimits {
-            max_entries: 100_000,
-            max_bytes: 64 * 1024 * 1024,
-            ..ChunkLimits::default()
-        };
-        let mut writer = Writer::new();
-        let t = rt.block_on(async {
-            let db = Db::open(dir.path()).unwrap();
-            let t = Timelines::open(&db, Arc::new(Hlc::new(1, 0)), Hub::new(), limits).unwrap();
-            t.ensure_loaded(&room).await.unwrap();
-            let prefill: Vec<Vec<u8>> = (0..n).map(|_| writer.next_change()).collect();
-            for batch in prefill.chunks(500) {
-                assert!(t.apply_remote(&room, 0, batch).await.unwrap());
-            }
-            t
-        });
+        let (_dir, room, mut writer, t) = replica(&rt, n);
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
                 let ch = writer.next_change();
@@ -103,24 +113,7 @@ fn apply_eight(c: &mut Criterion) {
     group.sample_size(20);
     group.throughput(criterion::Throughput::Elements(8));
     for together in [false, true] {
-        let dir = tempfile::tempdir().unwrap();
-        let room = RoomId::parse(ROOM).unwrap();
-        let limits = ChunkLimits {
-            max_entries: 100_000,
-            max_bytes: 64 * 1024 * 1024,
-            ..ChunkLimits::default()
-        };
-        let mut writer = Writer::new();
-        let t = rt.block_on(async {
-            let db = Db::open(dir.path()).unwrap();
-            let t = Timelines::open(&db, Arc::new(Hlc::new(1, 0)), Hub::new(), limits).unwrap();
-            t.ensure_loaded(&room).await.unwrap();
-            let prefill: Vec<Vec<u8>> = (0..800).map(|_| writer.next_change()).collect();
-            for batch in prefill.chunks(500) {
-                assert!(t.apply_remote(&room, 0, batch).await.unwrap());
-            }
-            t
-        });
+        let (_dir, room, mut writer, t) = replica(&rt, 800);
         let name = if together {
             "one_push_of_eight"
         } else {

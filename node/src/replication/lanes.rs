@@ -212,8 +212,12 @@ mod tests {
         panic!("never saw {n} calls: {:?}", rec.calls.lock().unwrap());
     }
 
-    #[tokio::test]
-    async fn pushes_queued_behind_a_call_leave_together_in_order() {
+    type Lanes = Arc<PushLanes<Recorder>>;
+    type Answer = tokio::task::JoinHandle<Result<PushChangesReply, String>>;
+
+    /// Lanes whose first call (a push to node 2 in `room`) is in flight and held until
+    /// `hold` is notified, so that later pushes queue behind it.
+    async fn held_lane(room: &str) -> (Lanes, Arc<Notify>, Answer) {
         let hold = Arc::new(Notify::new());
         let lanes = Arc::new(PushLanes::new(Recorder {
             hold_first: Some(hold.clone()),
@@ -221,9 +225,16 @@ mod tests {
         }));
         let first = tokio::spawn({
             let l = lanes.clone();
-            async move { l.push(2, req("r0")).await }
+            let room = room.to_string();
+            async move { l.push(2, req(&room)).await }
         });
         calls_reach(&lanes.transport, 1).await;
+        (lanes, hold, first)
+    }
+
+    #[tokio::test]
+    async fn pushes_queued_behind_a_call_leave_together_in_order() {
+        let (lanes, hold, first) = held_lane("r0").await;
         // The first call is in flight: these queue and must share the next call.
         let rest: Vec<_> = (1..=5)
             .map(|i| {
@@ -290,16 +301,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_push_nobody_waits_for_is_not_sent() {
-        let hold = Arc::new(Notify::new());
-        let lanes = Arc::new(PushLanes::new(Recorder {
-            hold_first: Some(hold.clone()),
-            ..Default::default()
-        }));
-        let first = tokio::spawn({
-            let l = lanes.clone();
-            async move { l.push(2, req("kept")).await }
-        });
-        calls_reach(&lanes.transport, 1).await;
+        let (lanes, hold, first) = held_lane("kept").await;
         // Queued behind the held call, then abandoned (as a quorum timeout does).
         let gave_up = tokio::time::timeout(Duration::from_millis(20), lanes.push(2, req("gone")));
         assert!(gave_up.await.is_err());
