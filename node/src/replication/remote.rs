@@ -238,6 +238,16 @@ async fn replicate(
             }
         }
         waiters = still;
+        // A flush that finished since the pass above may answer someone now (it is
+        // not waited on below, being final): pass again. The next pass answers them.
+        let answerable = |(w, f): &(Waiter, Flushed)| match &*f.borrow() {
+            Some(Err(_)) => true,
+            Some(Ok(())) => w.quorum <= acks.saturating_add(1),
+            None => false,
+        };
+        if waiters.iter().any(answerable) {
+            continue;
+        }
         // Done, or no acknowledgement can still come for those left (answered below).
         if waiters.is_empty()
             || (pending.is_empty() && waiters.iter().all(|(_, f)| f.borrow().is_some()))
