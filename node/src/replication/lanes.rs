@@ -3,10 +3,10 @@
 //!
 //! Under load a node's commit pipeline flushes many rooms at once, and each room's
 //! pusher then pushes its change to each peer. Sent one call per room, every change
-//! pays for an HTTP/2 stream, its headers and a task on both sides; most of a node's
-//! gRPC time went there. A lane keeps one call in flight to its peer: pushes queued
-//! meanwhile leave together in the next call, so the number of calls follows the
-//! network's round trips, not the number of rooms.
+//! pays for an HTTP/2 stream, its headers and a task on both sides, and pushes were
+//! most of a node's calls (BENCHMARKS §3). A lane keeps one call in flight to its
+//! peer: pushes queued meanwhile leave together in the next call, so the number of
+//! calls follows the network's round trips, not the number of rooms.
 //!
 //! To stay correct:
 //! - A lane sends pushes in the order they were queued and has one call in flight, so a
