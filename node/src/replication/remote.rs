@@ -223,8 +223,13 @@ async fn replicate(
     waiters.sort_by_key(|(w, _)| w.quorum);
     let deadline = tokio::time::Instant::now() + QUORUM_TIMEOUT;
     while !waiters.is_empty() {
-        // Answer every waiter whose local flush is done and whose quorum is met.
+        // Answer every waiter whose local flush is done and whose quorum is met. Of
+        // those whose flush was still under way, keep one receiver to wait on: it was
+        // cloned after this pass read it, so an outcome that lands later wakes the wait
+        // at once. (A flush with an outcome is never waited on: its sender is gone, so
+        // `changed` would return at once, again and again.)
         let mut still = Vec::with_capacity(waiters.len());
+        let mut flush: Option<Flushed> = None;
         for (w, mut f) in waiters {
             let local = f.borrow_and_update().clone();
             match local {
@@ -234,33 +239,18 @@ async fn replicate(
                 Some(Ok(())) if w.quorum <= acks.saturating_add(1) => {
                     let _ = w.done.send(Ok(()));
                 }
-                _ => still.push((w, f)),
+                None => {
+                    flush.get_or_insert_with(|| f.clone());
+                    still.push((w, f));
+                }
+                Some(Ok(())) => still.push((w, f)),
             }
         }
         waiters = still;
-        // A flush that finished since the pass above may answer someone now (it is
-        // not waited on below, being final): pass again. The next pass answers them.
-        let answerable = |(w, f): &(Waiter, Flushed)| match &*f.borrow() {
-            Some(Err(_)) => true,
-            Some(Ok(())) => w.quorum <= acks.saturating_add(1),
-            None => false,
-        };
-        if waiters.iter().any(answerable) {
-            continue;
-        }
         // Done, or no acknowledgement can still come for those left (answered below).
-        if waiters.is_empty()
-            || (pending.is_empty() && waiters.iter().all(|(_, f)| f.borrow().is_some()))
-        {
+        if waiters.is_empty() || (pending.is_empty() && flush.is_none()) {
             break;
         }
-        // A local flush still under way, if any: its outcome may answer someone. One
-        // that has an outcome is final (its sender is gone, so `changed` would return
-        // at once, again and again: never wait on it).
-        let mut flush = waiters
-            .iter()
-            .find(|(_, f)| f.borrow().is_none())
-            .map(|(_, f)| f.clone());
         let flush_changed = async {
             match flush.as_mut() {
                 Some(f) => f.changed().await.is_ok(),
