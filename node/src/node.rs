@@ -634,33 +634,35 @@ struct ClusterNet {
     groups: Groups,
     placement: Placement,
     me: u64,
-    /// Connections of their own: pushes wait for the receiver's flush, and must not take
-    /// the request slots of Raft's connection to the same peer.
-    peers: crate::consensus::Peers,
-    /// Pushes travel in per-peer batches over `peers` (see `replication::lanes`).
+    /// Pushes travel in per-peer batches (see `replication::lanes`) over the link,
+    /// which anti-entropy calls use too.
     lanes: PushLanes<PeerLink>,
 }
 
 impl ClusterNet {
     fn new(groups: Groups, placement: Placement, me: u64) -> Self {
-        let peers = crate::consensus::Peers::new(me);
         let link = PeerLink {
             groups: groups.clone(),
-            peers: peers.clone(),
+            peers: crate::consensus::Peers::new(me),
         };
         Self {
             groups,
             placement,
             me,
-            peers,
             lanes: PushLanes::new(link),
         }
     }
+
+    fn link(&self) -> &PeerLink {
+        self.lanes.transport()
+    }
 }
 
-/// A node's replication connections to its peers (shared with its `ClusterNet`).
+/// A node's replication connections to its peers.
 struct PeerLink {
     groups: Groups,
+    /// Connections of their own: pushes wait for the receiver's flush, and must not take
+    /// the request slots of Raft's connection to the same peer.
     peers: crate::consensus::Peers,
 }
 
@@ -729,7 +731,7 @@ impl Network for ClusterNet {
         let raft = self.groups.peers();
         self.peers_of(room)
             .into_iter()
-            .filter(|n| raft.recently_reachable(*n) || self.peers.recently_reachable(*n))
+            .filter(|n| raft.recently_reachable(*n) || self.link().peers.recently_reachable(*n))
             .count()
     }
 
@@ -738,12 +740,13 @@ impl Network for ClusterNet {
     }
 
     async fn sync(&self, node: u64, req: SyncRequest) -> Result<SyncReply, String> {
-        let mut c = self.lanes.transport().client(node)?;
+        let link = self.link();
+        let mut c = link.client(node)?;
         let r = c
             .sync_room(req)
             .await
             .map_err(|s| s.message().to_string())?;
-        self.peers.mark_ok(node);
+        link.peers.mark_ok(node);
         Ok(r.into_inner())
     }
 }

@@ -67,6 +67,12 @@ impl<T: BatchTransport> PushLanes<T> {
         &self.transport
     }
 
+    fn start_lane(&self, node: u64) -> mpsc::UnboundedSender<Queued> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_lane(self.transport.clone(), node, rx));
+        tx
+    }
+
     /// Queues `req` on `node`'s lane and waits for its outcome.
     pub async fn push(
         &self,
@@ -76,17 +82,11 @@ impl<T: BatchTransport> PushLanes<T> {
         let (tx, rx) = oneshot::channel();
         {
             let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-            let lane = lanes.entry(node).or_insert_with(|| {
-                let (lane_tx, lane_rx) = mpsc::unbounded_channel();
-                tokio::spawn(run_lane(self.transport.clone(), node, lane_rx));
-                lane_tx
-            });
-            if let Err(mpsc::error::SendError((req, tx))) = lane.send((req, tx)) {
+            let lane = lanes.entry(node).or_insert_with(|| self.start_lane(node));
+            if let Err(mpsc::error::SendError(queued)) = lane.send((req, tx)) {
                 // The lane's task is gone (its runtime is shutting down): start afresh.
-                let (lane_tx, lane_rx) = mpsc::unbounded_channel();
-                tokio::spawn(run_lane(self.transport.clone(), node, lane_rx));
-                let _ = lane_tx.send((req, tx));
-                *lane = lane_tx;
+                *lane = self.start_lane(node);
+                let _ = lane.send(queued);
             }
         }
         rx.await
@@ -101,12 +101,12 @@ async fn run_lane<T: BatchTransport>(
     mut rx: mpsc::UnboundedReceiver<Queued>,
 ) {
     while let Some(first) = rx.recv().await {
-        let mut bytes = size(&first.0);
+        let mut bytes = first.0.encoded_len();
         let mut batch = vec![first];
         while batch.len() < MAX_PUSHES && bytes < MAX_BYTES {
             match rx.try_recv() {
                 Ok(q) => {
-                    bytes += size(&q.0);
+                    bytes += q.0.encoded_len();
                     batch.push(q);
                 }
                 Err(_) => break,
@@ -118,16 +118,18 @@ async fn run_lane<T: BatchTransport>(
         }
         let (pushes, answers): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let n = pushes.len();
-        match transport.push_batch(node, pushes, CALL_TIMEOUT).await {
-            Ok(outcomes) if outcomes.len() == n => {
+        let outcomes = match transport.push_batch(node, pushes, CALL_TIMEOUT).await {
+            Ok(outcomes) if outcomes.len() == n => Ok(outcomes),
+            Ok(outcomes) => Err(format!(
+                "node {node} answered {} of {n} pushes",
+                outcomes.len()
+            )),
+            Err(e) => Err(e),
+        };
+        match outcomes {
+            Ok(outcomes) => {
                 for (tx, outcome) in answers.into_iter().zip(outcomes) {
                     let _ = tx.send(outcome);
-                }
-            }
-            Ok(outcomes) => {
-                let e = format!("node {node} answered {} of {n} pushes", outcomes.len());
-                for tx in answers {
-                    let _ = tx.send(Err(e.clone()));
                 }
             }
             Err(e) => {
@@ -137,10 +139,6 @@ async fn run_lane<T: BatchTransport>(
             }
         }
     }
-}
-
-fn size(req: &PushChangesRequest) -> usize {
-    req.encoded_len()
 }
 
 #[cfg(test)]
