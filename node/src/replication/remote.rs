@@ -443,10 +443,11 @@ impl Timelines {
                     }
                 };
                 if !data.is_empty() {
-                    doc.load_incremental(data)
-                        .map_err(|e| TimelineError::Invalid {
+                    super::timeline::load_changes(doc, data).map_err(|e| {
+                        TimelineError::Invalid {
                             reason: format!("a pushed change does not decode: {e}"),
-                        })?;
+                        }
+                    })?;
                 }
                 Ok(doc.get_missing_deps(&[]).is_empty())
             })?;

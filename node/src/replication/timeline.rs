@@ -299,6 +299,25 @@ pub(super) fn client_key(room: &RoomId, sender: &str, client_msg_id: &str) -> Ve
     key(b'k', room, &[&rest])
 }
 
+/// Loads an incremental save (a run of change chunks) into `doc`: all of it, or nothing
+/// and an error. automerge's `load_incremental` on its own applies the chunks before a
+/// damaged one and still returns Ok, so a truncated or garbled push would be answered
+/// as durable with some of its entries missing. The whole run is parsed (checksums
+/// included) into a scratch document first; changes waiting there for dependencies it
+/// lacks are expected and fine.
+pub(super) fn load_changes(
+    doc: &mut AutoCommit,
+    data: &[u8],
+) -> Result<(), automerge::AutomergeError> {
+    let strict = automerge::LoadOptions::new().on_partial_load(automerge::OnPartialLoad::Error);
+    match automerge::Automerge::load_with_options(data, strict) {
+        Ok(_) | Err(automerge::AutomergeError::MissingDeps) => {}
+        Err(e) => return Err(e),
+    }
+    doc.load_incremental(data)?;
+    Ok(())
+}
+
 fn id_from_key(k: &[u8]) -> Option<MessageId> {
     k.len()
         .checked_sub(16)
@@ -382,7 +401,7 @@ impl Timelines {
         let mut next_seq = 0;
         let mut since_compact = 0;
         for (k, change) in t.scan_prefix(key(b'c', room, &[&cb]))? {
-            doc.load_incremental(&change)
+            load_changes(&mut doc, &change)
                 .map_err(|e| t.corrupt(format!("change of {room}: {e}")))?;
             bytes += change.len();
             since_compact += 1;
@@ -1372,6 +1391,45 @@ mod tests {
         assert_eq!(texts(&tl), ["m1", "m2", "m3"]);
         assert!(tl.apply_remote(&r, 0, &changes[3..4]).await.unwrap());
         assert_eq!(texts(&tl), ["m1", "m2", "m3", "m4", "m5"]);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_push_is_refused_and_applies_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, tl, _hub) = open(dir.path(), ChunkLimits::default()).await;
+        let r = room(10);
+        let mut writer = AutoCommit::new();
+        let changes: Vec<Vec<u8>> = (1..=3).map(|i| writer_change(&mut writer, &r, i)).collect();
+        let texts = |tl: &Timelines| {
+            let q = HistoryQuery {
+                limit: 10,
+                ..Default::default()
+            };
+            let (page, _) = tl.history(&r, &q).unwrap();
+            page.into_iter().map(|m| m.text).collect::<Vec<_>>()
+        };
+        let truncated = changes[1][..changes[1].len() - 3].to_vec();
+        let mut flipped = changes[1].clone();
+        *flipped.last_mut().unwrap() ^= 0x40;
+        let not_automerge = b"definitely not an automerge change".to_vec();
+        // A good change followed by a damaged one: the whole push is refused, the good
+        // change included, on an empty replica and on one that holds entries.
+        for damaged in [&truncated, &flipped, &not_automerge] {
+            let push = [changes[0].clone(), damaged.clone()];
+            let err = tl.apply_remote(&r, 0, &push).await.unwrap_err();
+            assert!(matches!(err, TimelineError::Invalid { .. }), "{err:?}");
+            assert!(texts(&tl).is_empty());
+        }
+        assert!(tl.apply_remote(&r, 0, &changes[..1]).await.unwrap());
+        for damaged in [&truncated, &flipped, &not_automerge] {
+            let push = [changes[1].clone(), changes[2].clone(), damaged.clone()];
+            let err = tl.apply_remote(&r, 0, &push).await.unwrap_err();
+            assert!(matches!(err, TimelineError::Invalid { .. }), "{err:?}");
+            assert_eq!(texts(&tl), ["m1"]);
+        }
+        // The undamaged push still applies afterwards.
+        assert!(tl.apply_remote(&r, 0, &changes[1..]).await.unwrap());
+        assert_eq!(texts(&tl), ["m1", "m2", "m3"]);
     }
 
     #[tokio::test]
