@@ -23,6 +23,7 @@ pub mod serve;
 use std::process::ExitCode;
 
 use clap::Parser;
+pub use parley_proto::code_name;
 use tonic::Code;
 
 pub use args::Cli;
@@ -128,29 +129,6 @@ pub fn exit_code(code: Code) -> u8 {
         | Code::FailedPrecondition
         | Code::OutOfRange => exit::INVALID,
         _ => exit::GENERIC,
-    }
-}
-
-/// The canonical name of a gRPC status code (`NOT_FOUND`, ...).
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
