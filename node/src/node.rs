@@ -762,6 +762,31 @@ impl ReplicationHandler for NodeReplication {
         &self,
         req: PushChangesRequest,
     ) -> Result<PushChangesReply, tonic::Status> {
+        let outcome = self.take_push(req).await;
+        let m = &self.ctx.metrics;
+        api::Metrics::inc(match &outcome {
+            Ok(r) if r.durable => &m.pushes_received_taken,
+            Ok(r) if r.rejected.is_empty() => &m.pushes_received_waiting,
+            _ => &m.pushes_received_refused,
+        });
+        outcome
+    }
+
+    async fn sync_room(&self, req: SyncRequest) -> Result<SyncReply, tonic::Status> {
+        match self.ctx.timelines.handle_sync(&req).await {
+            Ok(reply) => Ok(reply),
+            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        }
+    }
+
+    async fn gossip(&self, req: GossipRequest) -> Result<GossipReply, tonic::Status> {
+        self.ctx.gossip.handle(req).await
+    }
+}
+
+impl NodeReplication {
+    /// Admits a push past the fence and applies it: whether it is durable, or why not.
+    async fn take_push(&self, req: PushChangesRequest) -> Result<PushChangesReply, tonic::Status> {
         let room = RoomId::parse(&req.room_id)
             .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
         // The fence, before anything is applied (api::fence).
@@ -797,16 +822,5 @@ impl ReplicationHandler for NodeReplication {
                 rejected: e.to_string(),
             }),
         }
-    }
-
-    async fn sync_room(&self, req: SyncRequest) -> Result<SyncReply, tonic::Status> {
-        match self.ctx.timelines.handle_sync(&req).await {
-            Ok(reply) => Ok(reply),
-            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
-        }
-    }
-
-    async fn gossip(&self, req: GossipRequest) -> Result<GossipReply, tonic::Status> {
-        self.ctx.gossip.handle(req).await
     }
 }

@@ -86,5 +86,104 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> String {
         "gauge",
         ctx.timelines.rooms_in_memory() as u64,
     );
+    let led = ctx
+        .placement
+        .all()
+        .filter(|p| ctx.groups.leader_of(*p) == Some(ctx.node.0))
+        .count();
+    line(
+        "parley_partitions_led",
+        "Partitions whose Raft group this node leads (the home of their rooms).",
+        "gauge",
+        led as u64,
+    );
+    let r = ctx.timelines.stats();
+    line(
+        "parley_pushes_taken_total",
+        "Pushes of this node's writes that a peer answered as durable.",
+        "counter",
+        r.pushes_taken.load(Relaxed),
+    );
+    line(
+        "parley_pushes_not_taken_total",
+        "Pushes a peer answered without taking them (refused, or waiting for earlier changes).",
+        "counter",
+        r.pushes_not_taken.load(Relaxed),
+    );
+    line(
+        "parley_pushes_failed_total",
+        "Pushes with no answer (call failed or timed out); anti-entropy brings them.",
+        "counter",
+        r.pushes_failed.load(Relaxed),
+    );
+    line(
+        "parley_writes_short_of_quorum_total",
+        "Writes answered DEADLINE_EXCEEDED: fewer than W durable copies in time.",
+        "counter",
+        r.writes_short_of_quorum.load(Relaxed),
+    );
+    line(
+        "parley_pushes_received_taken_total",
+        "Pushes from peers applied whole and durable.",
+        "counter",
+        m.pushes_received_taken.load(Relaxed),
+    );
+    line(
+        "parley_pushes_received_waiting_total",
+        "Pushes from peers applied and durable but waiting for earlier changes.",
+        "counter",
+        m.pushes_received_waiting.load(Relaxed),
+    );
+    line(
+        "parley_pushes_received_refused_total",
+        "Pushes from peers refused (fence, stale home, damaged change).",
+        "counter",
+        m.pushes_received_refused.load(Relaxed),
+    );
+    line(
+        "parley_anti_entropy_exchanges_total",
+        "Anti-entropy exchanges this node started that completed.",
+        "counter",
+        r.exchanges_completed.load(Relaxed),
+    );
+    line(
+        "parley_anti_entropy_exchanges_failed_total",
+        "Anti-entropy exchanges this node started that failed or timed out.",
+        "counter",
+        r.exchanges_failed.load(Relaxed),
+    );
+    line(
+        "parley_anti_entropy_entries_gained_total",
+        "Timeline entries this node gained through anti-entropy exchanges it started.",
+        "counter",
+        r.exchange_entries_gained.load(Relaxed),
+    );
+    histogram(
+        &mut out,
+        "parley_write_ack_seconds",
+        "Time from a send reaching its room's home until W replicas held it durably.",
+        &r.write_ack.snapshot(),
+    );
     out
+}
+
+fn histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    h: &crate::replication::stats::HistogramSnapshot,
+) {
+    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+    for (bound, n) in &h.cumulative {
+        let le = if bound.is_finite() {
+            bound.to_string()
+        } else {
+            "+Inf".to_string()
+        };
+        out.push_str(&format!("{name}_bucket{{le=\"{le}\"}} {n}\n"));
+    }
+    out.push_str(&format!(
+        "{name}_sum {}\n{name}_count {}\n",
+        h.sum_seconds, h.count
+    ));
 }

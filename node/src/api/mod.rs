@@ -60,6 +60,12 @@ pub struct Metrics {
     pub requests_failed: AtomicU64,
     pub raft_writes: AtomicU64,
     pub subscriptions_opened: AtomicU64,
+    /// Pushes from peers applied whole and durable.
+    pub pushes_received_taken: AtomicU64,
+    /// Pushes from peers applied and durable, but waiting for earlier changes.
+    pub pushes_received_waiting: AtomicU64,
+    /// Pushes from peers refused (fence, stale home, damaged or undecodable change).
+    pub pushes_received_refused: AtomicU64,
 }
 
 impl Metrics {

@@ -20,8 +20,10 @@ pub mod lanes;
 pub mod markers;
 pub mod presence;
 mod remote;
+pub mod stats;
 pub mod timeline;
 
+pub use stats::ReplicationStats;
 pub use timeline::{
     Appended, ChunkLimits, Fence, HistoryQuery, NewMessage, TimelineError, Timelines,
     QUORUM_TIMEOUT,

@@ -50,7 +50,7 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 
 use super::timeline::{client_key, entry_event, key, rebuild_message, Inner, RoomDoc, Waiter};
-use super::{Fence, Network, TimelineError, Timelines, QUORUM_TIMEOUT};
+use super::{Fence, Network, ReplicationStats, TimelineError, Timelines, QUORUM_TIMEOUT};
 use crate::ids::{MessageId, RoomId};
 use crate::store::StoreError;
 
@@ -128,6 +128,7 @@ pub(super) fn push(inner: &Arc<Inner>, net: &Arc<dyn Network>, room: &RoomId, it
         tokio::spawn(pusher(
             net.clone(),
             inner.owed.clone(),
+            inner.stats.clone(),
             me,
             room.clone(),
             rx,
@@ -149,6 +150,7 @@ pub(super) fn push(inner: &Arc<Inner>, net: &Arc<dyn Network>, room: &RoomId, it
 async fn pusher(
     net: Arc<dyn Network>,
     owed: Arc<Owed>,
+    stats: Arc<ReplicationStats>,
     me: u64,
     room: RoomId,
     mut rx: mpsc::UnboundedReceiver<PushItem>,
@@ -192,7 +194,7 @@ async fn pusher(
                 term: r.fence.map(|f| f.term),
                 authors: r.authors,
             };
-            replicate(&net, &owed, &room, req, r.waiters).await;
+            replicate(&net, &owed, &stats, &room, req, r.waiters).await;
         }
     }
 }
@@ -203,6 +205,7 @@ async fn pusher(
 async fn replicate(
     net: &Arc<dyn Network>,
     owed: &Arc<Owed>,
+    stats: &Arc<ReplicationStats>,
     room: &RoomId,
     req: PushChangesRequest,
     mut waiters: Vec<(Waiter, Flushed)>,
@@ -260,7 +263,7 @@ async fn replicate(
         tokio::select! {
             reply = pending.next(), if !pending.is_empty() => {
                 if let Some((peer, r)) = reply {
-                    if took_push(owed, peer, room, r) {
+                    if took_push(owed, stats, peer, room, r) {
                         acks = acks.saturating_add(1);
                     }
                 }
@@ -284,10 +287,10 @@ async fn replicate(
     }
     if !pending.is_empty() {
         // Slower peers still get the change; nobody waits for them.
-        let (owed, room) = (owed.clone(), room.clone());
+        let (owed, stats, room) = (owed.clone(), stats.clone(), room.clone());
         tokio::spawn(async move {
             while let Some((peer, r)) = pending.next().await {
-                took_push(&owed, peer, &room, r);
+                took_push(&owed, &stats, peer, &room, r);
             }
         });
     }
@@ -296,20 +299,45 @@ async fn replicate(
 /// Whether `peer` holds a pushed change durably, from its reply; notes it in `owed` if not.
 fn took_push(
     owed: &Owed,
+    stats: &ReplicationStats,
     peer: u64,
     room: &RoomId,
     reply: Result<Result<PushChangesReply, String>, tokio::time::error::Elapsed>,
 ) -> bool {
+    let count = ReplicationStats::inc;
     match reply {
-        Ok(Ok(r)) if r.durable => return true,
+        Ok(Ok(r)) if r.durable => {
+            count(&stats.pushes_taken);
+            return true;
+        }
         Ok(Ok(r)) => {
+            count(&stats.pushes_not_taken);
             tracing::debug!(room = %room, peer, rejected = %r.rejected, "a peer did not take a push")
         }
-        Ok(Err(e)) => tracing::debug!(room = %room, peer, error = %e, "push failed"),
-        Err(_) => tracing::debug!(room = %room, peer, "push timed out"),
+        Ok(Err(e)) => {
+            count(&stats.pushes_failed);
+            tracing::debug!(room = %room, peer, error = %e, "push failed")
+        }
+        Err(_) => {
+            count(&stats.pushes_failed);
+            tracing::debug!(room = %room, peer, "push timed out")
+        }
     }
     owe(owed, peer, room);
     false
+}
+
+/// Decodes a peer's sync message, refusing it whole if a change it carries is damaged:
+/// receiving it would apply the changes before the damaged one and report success.
+fn decode_sync(bytes: &[u8], what: &str) -> Result<automerge::sync::Message, TimelineError> {
+    let invalid = |e: &dyn std::fmt::Display| TimelineError::Invalid {
+        reason: format!("bad {what}: {e}"),
+    };
+    let msg = automerge::sync::Message::decode(bytes).map_err(|e| invalid(&e))?;
+    for changes in msg.changes.iter() {
+        super::timeline::check_changes(changes).map_err(|e| invalid(&e))?;
+    }
+    Ok(msg)
 }
 
 /// Once every head the peer started an exchange from (`start`) is in `doc`: the ids of
@@ -596,11 +624,7 @@ impl Timelines {
             };
             let (message, lacked) = self.with_chunk(&room, rd, req.chunk, |doc| {
                 if !req.message.is_empty() {
-                    let msg = automerge::sync::Message::decode(&req.message).map_err(|e| {
-                        TimelineError::Invalid {
-                            reason: format!("bad sync message: {e}"),
-                        }
-                    })?;
+                    let msg = decode_sync(&req.message, "sync message")?;
                     doc.sync()
                         .receive_sync_message(&mut state, msg)
                         .map_err(|e| TimelineError::Invalid {
@@ -800,11 +824,7 @@ impl Timelines {
             let rx = {
                 let mut g = slot.lock().await;
                 let rd = self.load_locked(room, &mut g)?;
-                let msg = automerge::sync::Message::decode(&reply.message).map_err(|e| {
-                    TimelineError::Invalid {
-                        reason: format!("bad sync reply: {e}"),
-                    }
-                })?;
+                let msg = decode_sync(&reply.message, "sync reply")?;
                 let had = rd.pending_events.len();
                 let lacked = self.with_chunk(room, rd, chunk, |doc| {
                     doc.sync()
@@ -968,8 +988,17 @@ impl Timelines {
             failed().insert(peer);
         };
         let started = std::time::Instant::now();
-        match tokio::time::timeout(EXCHANGE_TIMEOUT, self.sync_with(peer, room)).await {
+        let stats = &self.inner.stats;
+        let outcome = tokio::time::timeout(EXCHANGE_TIMEOUT, self.sync_with(peer, room)).await;
+        ReplicationStats::inc(match outcome {
+            Ok(Ok(_)) => &stats.exchanges_completed,
+            _ => &stats.exchanges_failed,
+        });
+        match outcome {
             Ok(Ok(n)) => {
+                stats
+                    .exchange_entries_gained
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 if n > 0 {
                     tracing::info!(room = %room, peer, entries = n, "anti-entropy caught up");
                 }

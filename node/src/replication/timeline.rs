@@ -268,6 +268,7 @@ pub(super) struct Inner {
     /// failed: the anti-entropy loop starts an exchange with each within a second,
     /// instead of waiting for a full round (see `Timelines::anti_entropy`).
     pub(super) owed: Arc<super::remote::Owed>,
+    pub(super) stats: Arc<super::ReplicationStats>,
 }
 
 /// The timelines of every room this node replicates. Cheap to clone.
@@ -300,22 +301,28 @@ pub(super) fn client_key(room: &RoomId, sender: &str, client_msg_id: &str) -> Ve
 }
 
 /// Loads an incremental save (a run of change chunks) into `doc`: all of it, or nothing
-/// and an error. automerge's `load_incremental` on its own applies the chunks before a
-/// damaged one and still returns Ok, so a truncated or garbled push would be answered
-/// as durable with some of its entries missing. The whole run is parsed (checksums
-/// included) into a scratch document first; changes waiting there for dependencies it
-/// lacks are expected and fine.
+/// and an error (see [`check_changes`]).
 pub(super) fn load_changes(
     doc: &mut AutoCommit,
     data: &[u8],
 ) -> Result<(), automerge::AutomergeError> {
-    let strict = automerge::LoadOptions::new().on_partial_load(automerge::OnPartialLoad::Error);
-    match automerge::Automerge::load_with_options(data, strict) {
-        Ok(_) | Err(automerge::AutomergeError::MissingDeps) => {}
-        Err(e) => return Err(e),
-    }
+    check_changes(data)?;
     doc.load_incremental(data)?;
     Ok(())
+}
+
+/// Whether `data`, a run of automerge chunks, parses whole, checksums included.
+/// automerge's `load_incremental` (which receiving a sync message also uses) applies
+/// the chunks before a damaged one and still returns Ok, so a truncated or garbled
+/// push would be answered as durable with some of its entries missing. The run is
+/// parsed into a scratch document; changes waiting there for dependencies it lacks
+/// are expected and fine.
+pub(super) fn check_changes(data: &[u8]) -> Result<(), automerge::AutomergeError> {
+    let strict = automerge::LoadOptions::new().on_partial_load(automerge::OnPartialLoad::Error);
+    match automerge::Automerge::load_with_options(data, strict) {
+        Ok(_) | Err(automerge::AutomergeError::MissingDeps) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 fn id_from_key(k: &[u8]) -> Option<MessageId> {
@@ -343,6 +350,7 @@ impl Timelines {
             synced_at: Mutex::new(HashMap::new()),
             sync_epochs: std::sync::atomic::AtomicU64::new(0),
             owed: Arc::default(),
+            stats: Arc::default(),
         });
         tokio::spawn(commit_pipeline(Arc::downgrade(&inner), commit_rx));
         Ok(Self { inner })
@@ -488,9 +496,23 @@ impl Timelines {
             .map_err(|_| TimelineError::Storage(StoreError::Closed))?
     }
 
+    /// Waits for a write made here to be durable on its quorum; counts a write that
+    /// fell short.
+    async fn acknowledged(
+        &self,
+        rx: oneshot::Receiver<Result<(), TimelineError>>,
+    ) -> Result<(), TimelineError> {
+        let r = Self::wait_durable(rx).await;
+        if let Err(TimelineError::Quorum { .. }) = r {
+            super::ReplicationStats::inc(&self.inner.stats.writes_short_of_quorum);
+        }
+        r
+    }
+
     /// Appends a message; returns once it is durable. A retry with the same
     /// `client_msg_id` from the same sender returns the first id with `duplicate`.
     pub async fn send(&self, m: NewMessage) -> Result<Appended, TimelineError> {
+        let started = std::time::Instant::now();
         let slot = self.slot(&m.room);
         let rx = {
             let mut g = slot.lock().await;
@@ -539,7 +561,8 @@ impl Timelines {
             (rx, id)
         };
         let (rx, id) = rx;
-        Self::wait_durable(rx).await?;
+        self.acknowledged(rx).await?;
+        self.inner.stats.write_ack.observe(started.elapsed());
         Ok(Appended {
             id,
             sent_at: id.physical_ms(),
@@ -624,7 +647,7 @@ impl Timelines {
                 id,
             )
         };
-        Self::wait_durable(rx).await?;
+        self.acknowledged(rx).await?;
         Ok(Appended {
             id,
             sent_at: id.physical_ms(),
@@ -876,6 +899,11 @@ impl Timelines {
         let mut rooms = self.inner.rooms.lock().unwrap_or_else(|p| p.into_inner());
         rooms.remove(room);
         Ok(())
+    }
+
+    /// What replication did since start, for metrics.
+    pub fn stats(&self) -> &super::ReplicationStats {
+        &self.inner.stats
     }
 
     /// Open chunks held in memory, for metrics.
@@ -1430,6 +1458,47 @@ mod tests {
         // The undamaged push still applies afterwards.
         assert!(tl.apply_remote(&r, 0, &changes[1..]).await.unwrap());
         assert_eq!(texts(&tl), ["m1", "m2", "m3"]);
+    }
+
+    #[tokio::test]
+    async fn a_sync_message_carrying_a_damaged_change_is_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, tl, _hub) = open(dir.path(), ChunkLimits::default()).await;
+        let r = room(11);
+        let mut writer = AutoCommit::new();
+        let changes: Vec<Vec<u8>> = (1..=2).map(|i| writer_change(&mut writer, &r, i)).collect();
+        let request = |carried: Vec<Vec<u8>>| parley_proto::v1::SyncRequest {
+            room_id: r.to_string(),
+            chunk: 0,
+            message: automerge::sync::Message {
+                heads: Vec::new(),
+                need: Vec::new(),
+                have: Vec::new(),
+                changes: automerge::sync::ChunkList::from(carried),
+                flags: None,
+                version: automerge::sync::MessageVersion::V1,
+            }
+            .encode(),
+            from_node: 2,
+            first: true,
+        };
+        let texts = |tl: &Timelines| {
+            let q = HistoryQuery {
+                limit: 10,
+                ..Default::default()
+            };
+            let (page, _) = tl.history(&r, &q).unwrap();
+            page.into_iter().map(|m| m.text).collect::<Vec<_>>()
+        };
+        let truncated = changes[1][..changes[1].len() - 3].to_vec();
+        let err = tl
+            .handle_sync(&request(vec![changes[0].clone(), truncated]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TimelineError::Invalid { .. }), "{err:?}");
+        assert!(texts(&tl).is_empty());
+        tl.handle_sync(&request(changes.clone())).await.unwrap();
+        assert_eq!(texts(&tl), ["m1", "m2"]);
     }
 
     #[tokio::test]

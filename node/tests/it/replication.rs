@@ -135,6 +135,37 @@ async fn messages_replicate_converge_and_resume_across_nodes() {
         });
     }
 
+    // The nodes' metrics account for those 190 writes and their pushes.
+    let total = |name: &str| -> f64 {
+        c.nodes
+            .iter()
+            .map(|n| support::metrics(n).get(name).copied().unwrap_or(0.0))
+            .sum()
+    };
+    assert_eq!(total("parley_messages_sent_total"), 190.0);
+    assert_eq!(total("parley_write_ack_seconds_count"), 190.0);
+    assert_eq!(total("parley_write_ack_seconds_bucket{le=\"+Inf\"}"), 190.0);
+    eventually(
+        Duration::from_secs(20),
+        "every partition has one leader",
+        || total("parley_partitions_led") == 16.0,
+    );
+    // A writer counts a push taken when the peer's answer arrives, the peer just before
+    // it answers; a push the writer stopped waiting for may still be taken.
+    eventually(
+        Duration::from_secs(20),
+        "pushes counted on both ends",
+        || {
+            let (taken, failed) = (
+                total("parley_pushes_taken_total"),
+                total("parley_pushes_failed_total"),
+            );
+            let received = total("parley_pushes_received_taken_total");
+            (2.0..=380.0).contains(&taken) && taken <= received && received <= taken + failed
+        },
+    );
+    assert_eq!(total("parley_pushes_received_refused_total"), 0.0);
+
     // The cursor taken on C after the 50th message resumes on B with no gap or duplicate.
     let mut on_b = c.nodes[b].client(Some(&bob)).await;
     let mut resumed = on_b

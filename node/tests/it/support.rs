@@ -435,6 +435,30 @@ pub fn user(node: &Node, name: &str) -> String {
 }
 
 /// A room's history as JSON messages (oldest first), as `who` sees it.
+/// The node's `/metrics` (Prometheus text) as sample name (with labels) -> value.
+pub fn metrics(node: &Node) -> std::collections::HashMap<String, f64> {
+    use std::io::{Read, Write};
+    let addr = node.bound.http.expect("the node serves HTTP");
+    let mut s = std::net::TcpStream::connect_timeout(&addr, CLI_TIMEOUT).expect("connect");
+    s.set_read_timeout(Some(CLI_TIMEOUT)).expect("timeout");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("response");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, v) = l.rsplit_once(' ')?;
+            Some((name.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
 pub fn history(node: &Node, token: &str, room: &str) -> Vec<serde_json::Value> {
     node.cli(Some(token), &["--json", "history", room, "--limit", "1000"])
         .json()
