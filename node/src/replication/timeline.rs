@@ -1374,6 +1374,16 @@ mod tests {
             .all(|p| p.term.is_none() && p.authors == ["alice"]));
     }
 
+    /// The texts of the first ten messages of `r`'s history, in id order.
+    fn texts(tl: &Timelines, r: &RoomId) -> Vec<String> {
+        let q = HistoryQuery {
+            limit: 10,
+            ..Default::default()
+        };
+        let (page, _) = tl.history(r, &q).unwrap();
+        page.into_iter().map(|m| m.text).collect()
+    }
+
     /// The change a writer's open chunk makes when it adds message `seq`.
     fn writer_change(doc: &mut AutoCommit, r: &RoomId, seq: u32) -> Vec<u8> {
         let id = MessageId::new(1_700_000_000_000, 0, 2, seq);
@@ -1406,19 +1416,9 @@ mod tests {
         assert!(tl.apply_remote(&r, 0, &changes[..3]).await.unwrap());
         // The fifth without the fourth: applied once the fourth comes, not before.
         assert!(!tl.apply_remote(&r, 0, &changes[4..]).await.unwrap());
-        let texts = |tl: &Timelines| {
-            let q = HistoryQuery {
-                limit: 10,
-                ..Default::default()
-            };
-            let (page, _) = tl.history(&r, &q).unwrap();
-            let mut texts: Vec<String> = page.into_iter().map(|m| m.text).collect();
-            texts.sort();
-            texts
-        };
-        assert_eq!(texts(&tl), ["m1", "m2", "m3"]);
+        assert_eq!(texts(&tl, &r), ["m1", "m2", "m3"]);
         assert!(tl.apply_remote(&r, 0, &changes[3..4]).await.unwrap());
-        assert_eq!(texts(&tl), ["m1", "m2", "m3", "m4", "m5"]);
+        assert_eq!(texts(&tl, &r), ["m1", "m2", "m3", "m4", "m5"]);
     }
 
     #[tokio::test]
@@ -1428,14 +1428,6 @@ mod tests {
         let r = room(10);
         let mut writer = AutoCommit::new();
         let changes: Vec<Vec<u8>> = (1..=3).map(|i| writer_change(&mut writer, &r, i)).collect();
-        let texts = |tl: &Timelines| {
-            let q = HistoryQuery {
-                limit: 10,
-                ..Default::default()
-            };
-            let (page, _) = tl.history(&r, &q).unwrap();
-            page.into_iter().map(|m| m.text).collect::<Vec<_>>()
-        };
         let truncated = changes[1][..changes[1].len() - 3].to_vec();
         let mut flipped = changes[1].clone();
         *flipped.last_mut().unwrap() ^= 0x40;
@@ -1446,18 +1438,18 @@ mod tests {
             let push = [changes[0].clone(), damaged.clone()];
             let err = tl.apply_remote(&r, 0, &push).await.unwrap_err();
             assert!(matches!(err, TimelineError::Invalid { .. }), "{err:?}");
-            assert!(texts(&tl).is_empty());
+            assert!(texts(&tl, &r).is_empty());
         }
         assert!(tl.apply_remote(&r, 0, &changes[..1]).await.unwrap());
         for damaged in [&truncated, &flipped, &not_automerge] {
             let push = [changes[1].clone(), changes[2].clone(), damaged.clone()];
             let err = tl.apply_remote(&r, 0, &push).await.unwrap_err();
             assert!(matches!(err, TimelineError::Invalid { .. }), "{err:?}");
-            assert_eq!(texts(&tl), ["m1"]);
+            assert_eq!(texts(&tl, &r), ["m1"]);
         }
         // The undamaged push still applies afterwards.
         assert!(tl.apply_remote(&r, 0, &changes[1..]).await.unwrap());
-        assert_eq!(texts(&tl), ["m1", "m2", "m3"]);
+        assert_eq!(texts(&tl, &r), ["m1", "m2", "m3"]);
     }
 
     #[tokio::test]
@@ -1482,23 +1474,15 @@ mod tests {
             from_node: 2,
             first: true,
         };
-        let texts = |tl: &Timelines| {
-            let q = HistoryQuery {
-                limit: 10,
-                ..Default::default()
-            };
-            let (page, _) = tl.history(&r, &q).unwrap();
-            page.into_iter().map(|m| m.text).collect::<Vec<_>>()
-        };
         let truncated = changes[1][..changes[1].len() - 3].to_vec();
         let err = tl
             .handle_sync(&request(vec![changes[0].clone(), truncated]))
             .await
             .unwrap_err();
         assert!(matches!(err, TimelineError::Invalid { .. }), "{err:?}");
-        assert!(texts(&tl).is_empty());
+        assert!(texts(&tl, &r).is_empty());
         tl.handle_sync(&request(changes.clone())).await.unwrap();
-        assert_eq!(texts(&tl), ["m1", "m2"]);
+        assert_eq!(texts(&tl, &r), ["m1", "m2"]);
     }
 
     #[tokio::test]
