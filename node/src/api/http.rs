@@ -164,6 +164,12 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> String {
         "Time from a send reaching its room's home until W replicas held it durably.",
         &r.write_ack.snapshot(),
     );
+    histogram(
+        &mut out,
+        "parley_send_seconds",
+        "Acknowledged client SendMessage calls, handler entry to answer on the node called (auth, forward to the home, write).",
+        &m.send_latency.snapshot(),
+    );
     out
 }
 

@@ -66,6 +66,10 @@ pub struct Metrics {
     pub pushes_received_waiting: AtomicU64,
     /// Pushes from peers refused (fence, stale home, damaged or undecodable change).
     pub pushes_received_refused: AtomicU64,
+    /// Acknowledged `SendMessage` calls from clients (not forwarded ones), from the call
+    /// reaching this node's handler to its answer: auth, the forward to the room's home
+    /// when this is not it, and the write.
+    pub send_latency: crate::replication::stats::Histogram,
 }
 
 impl Metrics {
@@ -429,10 +433,16 @@ impl Chat for ChatService {
         &self,
         req: Request<pb::SendMessageRequest>,
     ) -> Result<Response<pb::SendMessageResponse>, Status> {
-        authed_md!(self, req, |u, body, md| messages::send(
+        let started = std::time::Instant::now();
+        let from_client = !route::is_forwarded(req.metadata());
+        let r = authed_md!(self, req, |u, body, md| messages::send(
             &self.ctx, &u, body, &md
         )
-        .await)
+        .await);
+        if from_client && r.is_ok() {
+            self.ctx.metrics.send_latency.observe(started.elapsed());
+        }
+        r
     }
 
     async fn edit_message(

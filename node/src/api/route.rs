@@ -43,7 +43,7 @@ pub(super) fn write_quorum(ctx: &Ctx, room: &RoomRecord) -> ApiResult<u8> {
 
 /// Where a write to `room` with quorum `w` goes.
 pub(super) fn route(ctx: &Ctx, room: &RoomRecord, md: &MetadataMap, w: u8) -> ApiResult<Route> {
-    if md.contains_key(FORWARDED) {
+    if is_forwarded(md) {
         return Ok(Route::Local);
     }
     let p = ctx.placement.of_room(&room.id);
@@ -94,6 +94,11 @@ fn client(ctx: &Ctx, addr: &str) -> ApiResult<ChatClient<Channel>> {
 }
 
 /// The same request for the home: the caller's token, marked as forwarded.
+/// Whether a request came from another node's forward rather than from a client.
+pub(super) fn is_forwarded(md: &MetadataMap) -> bool {
+    md.contains_key(FORWARDED)
+}
+
 pub(super) fn forwarded<T>(body: T, md: &MetadataMap) -> Request<T> {
     let mut r = Request::new(body);
     if let Some(auth) = md.get("authorization") {

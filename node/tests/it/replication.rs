@@ -145,6 +145,8 @@ async fn messages_replicate_converge_and_resume_across_nodes() {
     assert_eq!(total("parley_messages_sent_total"), 190.0);
     assert_eq!(total("parley_write_ack_seconds_count"), 190.0);
     assert_eq!(total("parley_write_ack_seconds_bucket{le=\"+Inf\"}"), 190.0);
+    // Each client call is timed once, on the node the client called.
+    assert_eq!(total("parley_send_seconds_count"), 190.0);
     eventually(
         Duration::from_secs(20),
         "every partition has one leader",
