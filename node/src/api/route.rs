@@ -93,12 +93,12 @@ fn client(ctx: &Ctx, addr: &str) -> ApiResult<ChatClient<Channel>> {
     Ok(ChatClient::new(ch).max_decoding_message_size(1 << 20))
 }
 
-/// The same request for the home: the caller's token, marked as forwarded.
 /// Whether a request came from another node's forward rather than from a client.
 pub(super) fn is_forwarded(md: &MetadataMap) -> bool {
     md.contains_key(FORWARDED)
 }
 
+/// The same request for the home: the caller's token, marked as forwarded.
 pub(super) fn forwarded<T>(body: T, md: &MetadataMap) -> Request<T> {
     let mut r = Request::new(body);
     if let Some(auth) = md.get("authorization") {

@@ -458,25 +458,11 @@ impl Timelines {
             let mut g = slot.lock().await;
             let rd = self.load_locked(room, &mut g)?;
             let complete = self.with_chunk(room, rd, chunk, |doc| {
-                // One load for all of them: automerge applies a load as one batch, and
-                // a batch walks the chunk's map once, however many changes it holds
-                // (a sequence of saved changes is itself a valid incremental save).
-                let joined;
-                let data: &[u8] = match changes {
-                    [] => &[],
-                    [one] => one,
-                    _ => {
-                        joined = changes.concat();
-                        &joined
+                super::timeline::load_changes(doc, changes).map_err(|e| {
+                    TimelineError::Invalid {
+                        reason: format!("a pushed change does not decode: {e}"),
                     }
-                };
-                if !data.is_empty() {
-                    super::timeline::load_changes(doc, data).map_err(|e| {
-                        TimelineError::Invalid {
-                            reason: format!("a pushed change does not decode: {e}"),
-                        }
-                    })?;
-                }
+                })?;
                 Ok(doc.get_missing_deps(&[]).is_empty())
             })?;
             (self.wait_for_pending(room, rd, 1)?, complete)

@@ -300,12 +300,23 @@ pub(super) fn client_key(room: &RoomId, sender: &str, client_msg_id: &str) -> Ve
     key(b'k', room, &[&rest])
 }
 
-/// Loads an incremental save (a run of change chunks) into `doc`: all of it, or nothing
-/// and an error (see [`check_changes`]).
+/// Loads incremental saves (each a run of change chunks) into `doc`, in order: all of
+/// them, or nothing and an error (see [`check_changes`]). One load for all of them:
+/// automerge applies a load as one batch, and a batch walks the chunk's map once,
+/// however many changes it holds (saves in a row are themselves a valid save).
 pub(super) fn load_changes(
     doc: &mut AutoCommit,
-    data: &[u8],
+    saves: &[Vec<u8>],
 ) -> Result<(), automerge::AutomergeError> {
+    let joined;
+    let data: &[u8] = match saves {
+        [] => return Ok(()),
+        [one] => one,
+        _ => {
+            joined = saves.concat();
+            &joined
+        }
+    };
     check_changes(data)?;
     doc.load_incremental(data)?;
     Ok(())
@@ -407,16 +418,17 @@ impl Timelines {
             None => AutoCommit::new(),
         };
         let mut next_seq = 0;
-        let mut since_compact = 0;
+        let mut changes = Vec::new();
         for (k, change) in t.scan_prefix(key(b'c', room, &[&cb]))? {
-            load_changes(&mut doc, &change)
-                .map_err(|e| t.corrupt(format!("change of {room}: {e}")))?;
             bytes += change.len();
-            since_compact += 1;
+            changes.push(change);
             if let Some(seq) = k.len().checked_sub(8).and_then(|s| k[s..].try_into().ok()) {
                 next_seq = u64::from_be_bytes(seq) + 1;
             }
         }
+        let since_compact = changes.len();
+        load_changes(&mut doc, &changes)
+            .map_err(|e| t.corrupt(format!("changes of {room}: {e}")))?;
         // A fresh actor per load: a crash may have lost changes of the previous actor
         // whose sequence numbers must never be reused for different changes.
         doc.set_actor(automerge::ActorId::random());
