@@ -171,12 +171,15 @@ pub struct SenderLog {
     /// `(stamp key, room index)` of every acked send.
     pub acked: Vec<(u64, u32)>,
     pub errors: BTreeMap<String, u64>,
+    /// The first message the nodes gave with each error code.
+    pub error_samples: BTreeMap<String, String>,
     /// Due but never sent because the safety bound came first.
     pub unsent: u64,
     pub timeline: Timeline,
 }
 
-type SendOutcome = (u64, u32, u64, Result<(), String>);
+/// Stamp key, room, send time, and the error code and message if it failed.
+type SendOutcome = (u64, u32, u64, Result<(), (String, String)>);
 
 pub async fn sender(plan: SenderPlan, shared: Arc<Shared>) -> SenderLog {
     let clock = shared.clock;
@@ -185,6 +188,7 @@ pub async fn sender(plan: SenderPlan, shared: Arc<Shared>) -> SenderLog {
         ack: new_hist(),
         acked: Vec::new(),
         errors: BTreeMap::new(),
+        error_samples: BTreeMap::new(),
         unsent: 0,
         timeline: Timeline::default(),
     };
@@ -199,7 +203,8 @@ pub async fn sender(plan: SenderPlan, shared: Arc<Shared>) -> SenderLog {
                 shared.live.acked.fetch_add(1, Ordering::Relaxed);
                 shared.live.last_ack_us.fetch_max(now, Ordering::Relaxed);
             }
-            Err(code) => {
+            Err((code, message)) => {
+                log.error_samples.entry(code.clone()).or_insert(message);
                 *log.errors.entry(code).or_default() += 1;
                 log.timeline.add_error(now.saturating_sub(origin));
                 shared.live.errors.fetch_add(1, Ordering::Relaxed);
@@ -260,8 +265,11 @@ pub async fn sender(plan: SenderPlan, shared: Arc<Shared>) -> SenderLog {
         pending.push(async move {
             let res = match tokio::time::timeout(limit, c.send_message(req)).await {
                 Ok(Ok(_)) => Ok(()),
-                Ok(Err(s)) => Err(format!("{:?}", s.code())),
-                Err(_) => Err("ClientTimeout".to_string()),
+                Ok(Err(s)) => Err((format!("{:?}", s.code()), s.message().to_owned())),
+                Err(_) => Err((
+                    "ClientTimeout".to_string(),
+                    format!("no answer within {limit:?}"),
+                )),
             };
             (stamp.key(), room as u32, stamp.sent_us, res)
         });

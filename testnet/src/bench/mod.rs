@@ -679,6 +679,7 @@ async fn bench(
     let mut ack = new_hist();
     let mut acked: Vec<(u64, u32)> = Vec::new();
     let mut errors_by_code = BTreeMap::new();
+    let mut error_samples = BTreeMap::new();
     let mut unsent = 0;
     let mut sender_timeline = stats::Timeline::default();
     for t in send_tasks {
@@ -686,6 +687,9 @@ async fn bench(
         let _ = ack.add(&log.ack);
         acked.extend_from_slice(&log.acked);
         merge_codes(&mut errors_by_code, &log.errors);
+        for (code, message) in log.error_samples {
+            error_samples.entry(code).or_insert(message);
+        }
         unsent += log.unsent;
         sender_timeline.merge(&log.timeline);
     }
@@ -781,6 +785,7 @@ async fn bench(
         acked_per_s: acked_n as f64 / window(shared.live.last_ack_us.load(Ordering::Relaxed)),
         send_errors: errors_by_code.values().sum(),
         send_errors_by_code: errors_by_code,
+        send_error_samples: error_samples,
         unsent,
         deliveries,
         deliveries_per_s: deliveries as f64

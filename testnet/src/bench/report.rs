@@ -58,6 +58,9 @@ pub struct Report {
     pub acked_per_s: f64,
     pub send_errors: u64,
     pub send_errors_by_code: BTreeMap<String, u64>,
+    /// One message per error code, as a node gave it.
+    #[serde(default)]
+    pub send_error_samples: BTreeMap<String, String>,
     /// Sends due but not made because the safety bound ran out.
     pub unsent: u64,
     /// First copies received by subscribers (all messages, acked or not).
@@ -169,6 +172,9 @@ impl Report {
                 codes.join(" ")
             }
         );
+        for (code, message) in &self.send_error_samples {
+            let _ = writeln!(s, "    e.g. {code}: {message}");
+        }
         if self.unsent > 0 {
             let _ = writeln!(s, "  unsent (bound hit) {:>12}", self.unsent);
         }
