@@ -69,6 +69,8 @@ pub struct Config {
     pub compact_every: usize,
     /// Timelines: seal a room's open chunk once it holds this many entries (0 = the default).
     pub chunk_entries: usize,
+    /// Hand partition leaderships over to their preferred nodes (`consensus::balance`).
+    pub balance_leaders: bool,
 }
 
 impl Config {
@@ -90,6 +92,7 @@ impl Config {
             snapshot_every: 0,
             compact_every: 0,
             chunk_entries: 0,
+            balance_leaders: true,
         }
     }
 }
@@ -248,6 +251,9 @@ pub async fn run(
         let timelines = ctx.timelines.clone();
         let stop = stop_rx.clone();
         tasks.spawn(async move { timelines.anti_entropy(ANTI_ENTROPY_EVERY, stop).await });
+        if config.balance_leaders {
+            tasks.spawn(groups.clone().balance_leaders(stop_rx.clone()));
+        }
     }
     let weak_ctx = Arc::downgrade(&ctx);
     let transport = crate::replication::gossip::TonicTransport::new(groups.clone());

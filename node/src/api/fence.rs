@@ -26,6 +26,7 @@ use parley_proto::v1::PushChangesRequest;
 
 use super::{ApiError, ApiResult, Ctx};
 use crate::consensus::state::RoomRecord;
+use crate::consensus::NoLease;
 use crate::ids::{RoomId, UserId};
 use crate::replication::Fence;
 
@@ -53,9 +54,19 @@ pub enum Refusal {
 pub(super) async fn stamp(ctx: &Ctx, room: &RoomRecord, w: u8) -> ApiResult<Option<Fence>> {
     let p = ctx.placement.of_room(&room.id);
     let mut lease = ctx.groups.home_lease(p);
-    if matches!(&lease, Err(why) if why.contains("lease ran out"))
-        && ctx.groups.renew_lease(p, LEASE_RENEWAL).await
-    {
+    // A leader just elected (a handover among them) first commits an entry of its term,
+    // then hears from a quorum: at most one wait for each, then the answer stands.
+    for _ in 0..2 {
+        let waited = match &lease {
+            Err(NoLease::TermNotApplied { .. }) => {
+                ctx.groups.await_term_applied(p, LEASE_RENEWAL).await
+            }
+            Err(NoLease::Expired { .. }) => ctx.groups.renew_lease(p, LEASE_RENEWAL).await,
+            _ => false,
+        };
+        if !waited {
+            break;
+        }
         lease = ctx.groups.home_lease(p);
     }
     match lease {

@@ -97,6 +97,19 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> String {
         "gauge",
         led as u64,
     );
+    let (done, failed) = ctx.groups.handovers();
+    line(
+        "parley_leader_handovers_total",
+        "Partition leaderships this node handed over to their preferred node.",
+        "counter",
+        done,
+    );
+    line(
+        "parley_leader_handovers_failed_total",
+        "Handovers this node started that did not land (the group stayed or went elsewhere).",
+        "counter",
+        failed,
+    );
     let r = ctx.timelines.stats();
     line(
         "parley_pushes_taken_total",

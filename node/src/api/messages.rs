@@ -45,7 +45,7 @@ async fn append(
     }
     let after = opt_message_id(after, "after")?;
     let w = write_quorum(ctx, room)?;
-    if let Route::Forward(mut home) = route(ctx, room, md, w)? {
+    if let Route::Forward(mut home) = route(ctx, room, md, w).await? {
         match relay(home.send_message(forwarded(forward(), md)).await) {
             // W=1 needs no home: if it cannot be reached, write here (DESIGN §4).
             Err(ApiError::Relayed(s)) if w <= 1 && s.code() == tonic::Code::Unavailable => {}
@@ -177,7 +177,7 @@ pub(super) async fn edit(
     let target = message_id(&req.message_id)?;
     let text = validate_text(req.text.clone())?;
     let w = write_quorum(ctx, &room)?;
-    if let Route::Forward(mut home) = route(ctx, &room, md, w)? {
+    if let Route::Forward(mut home) = route(ctx, &room, md, w).await? {
         return relay(home.edit_message(forwarded(req, md)).await);
     }
     let fence = fence::stamp(ctx, &room, w).await?;
@@ -199,7 +199,7 @@ pub(super) async fn delete(
     let room = ctx.resolve_room(&req.room, false).await?;
     let target = message_id(&req.message_id)?;
     let w = write_quorum(ctx, &room)?;
-    if let Route::Forward(mut home) = route(ctx, &room, md, w)? {
+    if let Route::Forward(mut home) = route(ctx, &room, md, w).await? {
         return relay(home.delete_message(forwarded(req, md)).await);
     }
     let fence = fence::stamp(ctx, &room, w).await?;
@@ -227,7 +227,7 @@ pub(super) async fn react(
         ));
     }
     let w = write_quorum(ctx, &room)?;
-    if let Route::Forward(mut home) = route(ctx, &room, md, w)? {
+    if let Route::Forward(mut home) = route(ctx, &room, md, w).await? {
         return relay(home.react(forwarded(req, md)).await);
     }
     let fence = fence::stamp(ctx, &room, w).await?;

@@ -2,7 +2,8 @@
 //! partition. The home checks membership and bans against the partition state it leads
 //! (so an acknowledged ban fences every later message exactly), assigns ids in one
 //! order, and pushes to the other replicas. A write that arrives elsewhere is forwarded
-//! to the home once, with the caller's token. With no leader (the minority side of a
+//! to the home with the caller's token (once more if the node it reached has just
+//! stopped leading). With no leader (the minority side of a
 //! partition), only rooms with write quorum 1 accept writes, on the node they reach.
 
 use std::time::Duration;
@@ -15,9 +16,12 @@ use tonic::{Request, Status};
 use super::{ApiError, ApiResult, Ctx};
 use crate::consensus::state::RoomRecord;
 
-/// Set on a forwarded write: the receiver writes it itself, whatever it thinks of
-/// leadership, so a request is forwarded at most once.
+/// Set on a forwarded write: how many times it was forwarded ("1" or "2"). A write
+/// reaches its home in one hop; a second is taken only when the node it reached no
+/// longer leads the partition (a handover or an election between the two decisions);
+/// after two the receiver writes it itself, whatever it thinks of leadership.
 const FORWARDED: &str = "x-parley-forwarded";
+const MAX_HOPS: u8 = 2;
 
 /// How long a forwarded write may take on the home.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,12 +45,22 @@ pub(super) fn write_quorum(ctx: &Ctx, room: &RoomRecord) -> ApiResult<u8> {
     Ok(w)
 }
 
-/// Where a write to `room` with quorum `w` goes.
-pub(super) fn route(ctx: &Ctx, room: &RoomRecord, md: &MetadataMap, w: u8) -> ApiResult<Route> {
-    if is_forwarded(md) {
+/// Where a write to `room` with quorum `w` goes. While this node hands the room's
+/// partition over to another leader (`consensus::balance`), the write waits for that
+/// first. A write forwarded here by a node that took this one for the home goes on to
+/// the actual home once more, if this node knows another.
+pub(super) async fn route(
+    ctx: &Ctx,
+    room: &RoomRecord,
+    md: &MetadataMap,
+    w: u8,
+) -> ApiResult<Route> {
+    let p = ctx.placement.of_room(&room.id);
+    ctx.groups.settle(p).await;
+    let hops = hops(md);
+    if hops >= MAX_HOPS {
         return Ok(Route::Local);
     }
-    let p = ctx.placement.of_room(&room.id);
     match ctx.groups.leader_of(p) {
         Some(n) if n == ctx.node.0 => Ok(Route::Local),
         Some(n) => {
@@ -56,7 +70,8 @@ pub(super) fn route(ctx: &Ctx, room: &RoomRecord, md: &MetadataMap, w: u8) -> Ap
                 .ok_or_else(|| ApiError::Unavailable(format!("the home of {} (node {n}) has no known address", room.name)))?;
             Ok(Route::Forward(client(ctx, &addr)?))
         }
-        None if w <= 1 => Ok(Route::Local),
+        // Forwarded by a node that saw a leader: the fence decides here.
+        None if w <= 1 || hops > 0 => Ok(Route::Local),
         None => Err(ApiError::Unavailable(format!(
             "{} needs W={w} copies of each message and its partition has no leader right now; nothing was written",
             room.name
@@ -93,19 +108,30 @@ fn client(ctx: &Ctx, addr: &str) -> ApiResult<ChatClient<Channel>> {
     Ok(ChatClient::new(ch).max_decoding_message_size(1 << 20))
 }
 
-/// Whether a request came from another node's forward rather than from a client.
-pub(super) fn is_forwarded(md: &MetadataMap) -> bool {
-    md.contains_key(FORWARDED)
+/// How many times a request was forwarded (0: it came from a client).
+fn hops(md: &MetadataMap) -> u8 {
+    match md.get(FORWARDED).map(|v| v.as_bytes()) {
+        None => 0,
+        Some(b"1") => 1,
+        // "2", or anything a newer or broken peer sent: do not forward it again.
+        Some(_) => MAX_HOPS,
+    }
 }
 
-/// The same request for the home: the caller's token, marked as forwarded.
+/// Whether a request came from another node's forward rather than from a client.
+pub(super) fn is_forwarded(md: &MetadataMap) -> bool {
+    hops(md) > 0
+}
+
+/// The same request for the home: the caller's token, its hop count one higher.
 pub(super) fn forwarded<T>(body: T, md: &MetadataMap) -> Request<T> {
     let mut r = Request::new(body);
     if let Some(auth) = md.get("authorization") {
         r.metadata_mut().insert("authorization", auth.clone());
     }
+    let hop = if hops(md) == 0 { "1" } else { "2" };
     r.metadata_mut()
-        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static(hop));
     r.set_timeout(FORWARD_TIMEOUT);
     r
 }

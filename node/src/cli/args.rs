@@ -268,6 +268,11 @@ pub struct ServeArgs {
     /// of a cluster must use the same.
     #[arg(long, default_value_t = 0, hide = true)]
     pub resume_window_ms: u64,
+    /// Do not hand partition leaderships over to their preferred nodes. By default a
+    /// node that leads more than its share of partitions passes the extra ones on, so
+    /// that every node is the home of about as many rooms.
+    #[arg(long)]
+    pub no_leader_balance: bool,
     /// How long a fresh node waits for its peers (--bootstrap-expect) before giving up.
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     pub genesis_timeout: u64,

@@ -85,6 +85,31 @@ impl ClusterPlan {
             .collect()
     }
 
+    /// Which voter of each partition group should lead it when all are up: the leaders
+    /// spread as evenly as the placement allows, the same on every node (a function of
+    /// the plan alone). Groups are taken in order and each goes to its voter that was
+    /// given the fewest so far; ties go to the voter after the group's index, so equal
+    /// counts rotate. The meta group has none (it carries no writes).
+    pub fn preferred_leaders(&self) -> BTreeMap<GroupId, u64> {
+        let mut given: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut out = BTreeMap::new();
+        for (gid, voters) in &self.replicas {
+            if gid.partition().is_none() || voters.is_empty() {
+                continue;
+            }
+            let voters: Vec<u64> = voters.iter().copied().collect();
+            let start = gid.0 as usize % voters.len();
+            let pick = (0..voters.len())
+                .map(|i| voters[(start + i) % voters.len()])
+                .min_by_key(|v| given.get(v).copied().unwrap_or(0));
+            if let Some(v) = pick {
+                *given.entry(v).or_default() += 1;
+                out.insert(*gid, v);
+            }
+        }
+        out
+    }
+
     /// The voters of `group` with their addresses, as openraft's initial membership.
     pub fn membership(&self, group: GroupId) -> BTreeMap<u64, openraft::BasicNode> {
         self.replicas
@@ -147,9 +172,38 @@ mod tests {
         assert!((1..=4).all(|n| plan.groups_of(n).contains(&META)));
         assert_eq!(plan.membership(META)[&2].addr, "127.0.0.1:7002");
 
+        // Every partition has a preferred leader among its voters, and they spread:
+        // 8 partitions over 4 nodes is 2 each.
+        let preferred = plan.preferred_leaders();
+        assert_eq!(preferred.len(), 8);
+        assert!(!preferred.contains_key(&META));
+        for (g, n) in &preferred {
+            assert!(plan.replicas[g].contains(n), "{g} prefers non-voter {n}");
+        }
+        for n in 1..=4 {
+            assert_eq!(
+                preferred.values().filter(|v| **v == n).count(),
+                2,
+                "node {n}"
+            );
+        }
+        assert_eq!(preferred, plan.clone().preferred_leaders(), "deterministic");
+
         let db = Db::temporary().unwrap();
         assert_eq!(ClusterPlan::load(&db).unwrap(), None);
         plan.save(&db).await.unwrap();
         assert_eq!(ClusterPlan::load(&db).unwrap(), Some(plan));
+    }
+
+    #[test]
+    fn preferred_leaders_of_three_nodes_split_sixteen_partitions_six_five_five() {
+        let nodes = [(1, addr(7001)), (2, addr(7002)), (3, addr(7003))];
+        let plan = ClusterPlan::genesis(&nodes, 16, 3);
+        let preferred = plan.preferred_leaders();
+        let mut counts: Vec<usize> = (1..=3)
+            .map(|n| preferred.values().filter(|v| **v == n).count())
+            .collect();
+        counts.sort_unstable();
+        assert_eq!(counts, vec![5, 5, 6]);
     }
 }

@@ -51,6 +51,41 @@ pub enum ConsensusError {
     Fatal(String),
 }
 
+/// Why this node may not write a partition's rooms as their home right now
+/// ([`Groups::home_lease`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoLease {
+    #[error("node {node} holds no replica of partition {p}")]
+    NoReplica { node: NodeId, p: PartitionId },
+    #[error("node {node} does not lead partition {p}")]
+    NotLeader { node: NodeId, p: PartitionId },
+    #[error("node {node} is handing partition {p} over to node {to}")]
+    HandingOver {
+        node: NodeId,
+        p: PartitionId,
+        to: u64,
+    },
+    #[error(
+        "node {node} leads partition {p} but has not applied its first entry of term {term} yet"
+    )]
+    TermNotApplied {
+        node: NodeId,
+        p: PartitionId,
+        term: u64,
+    },
+    #[error(
+        "node {node} leads partition {p} but its lease ran out (last quorum contact {}, lease {} ms)",
+        age.map_or_else(|| "never".to_string(), |a| format!("{} ms ago", a.as_millis())),
+        lease.as_millis()
+    )]
+    Expired {
+        node: NodeId,
+        p: PartitionId,
+        age: Option<Duration>,
+        lease: Duration,
+    },
+}
+
 /// What `status()` reports for one group (from openraft's metrics).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupStatus {
@@ -153,6 +188,9 @@ pub(super) struct Group {
     /// When, as this group's leader, this node last had a quorum acknowledge something it
     /// sent (see [`track_quorum_ack`]); `None` when it does not lead.
     pub(super) quorum_acked: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// `Some(node)` while this node hands the group over to `node` ([`super::balance`]):
+    /// it does not write as the rooms' home meanwhile.
+    pub(super) yielding: tokio::sync::watch::Sender<Option<u64>>,
 }
 
 /// Keeps `at` = the instant a quorum last acknowledged what this node sent as `raft`'s
@@ -183,6 +221,7 @@ pub(super) struct Inner {
     /// The groups this node is a voter of.
     pub(super) groups: BTreeMap<GroupId, Group>,
     pub(super) peers: Peers,
+    pub(super) handovers: super::balance::HandoverStats,
 }
 
 /// This node's Raft groups. Cheap to clone; clones share the groups.
@@ -338,6 +377,7 @@ impl Groups {
                     raft,
                     state,
                     quorum_acked,
+                    yielding: tokio::sync::watch::Sender::new(None),
                 },
             );
         }
@@ -349,6 +389,7 @@ impl Groups {
                 plan,
                 groups,
                 peers,
+                handovers: Default::default(),
             }),
         })
     }
@@ -516,25 +557,25 @@ impl Groups {
     /// Whether this node may write partition `p`'s room timelines as their home now, and
     /// the term to fence the write with. Yes only while it leads the group, a quorum
     /// acknowledged something it sent within [`Tuning::home_lease_ms`] (shorter than any
-    /// election timeout, so no newer leader can exist yet), and it has applied an entry of
-    /// its own term (so every entry committed before, a ban among them, is in its state).
-    /// The reason otherwise.
-    pub fn home_lease(&self, p: PartitionId) -> Result<u64, String> {
-        let g = self
-            .group(p)
-            .ok_or_else(|| format!("node {} holds no replica of partition {p}", self.inner.node))?;
+    /// election timeout, so no newer leader can exist yet), it has applied an entry of
+    /// its own term (so every entry committed before, a ban among them, is in its state),
+    /// and it is not handing the group over ([`super::balance`]). Why not otherwise.
+    pub fn home_lease(&self, p: PartitionId) -> Result<u64, NoLease> {
+        let node = self.inner.node;
+        let g = self.group(p).ok_or(NoLease::NoReplica { node, p })?;
         let m = g.raft.metrics().borrow().clone();
-        if m.current_leader != Some(self.inner.node.0) {
-            return Err(format!(
-                "node {} does not lead partition {p}",
-                self.inner.node
-            ));
+        if m.current_leader != Some(node.0) {
+            return Err(NoLease::NotLeader { node, p });
+        }
+        if let Some(to) = *g.yielding.borrow() {
+            return Err(NoLease::HandingOver { node, p, to });
         }
         if m.last_applied.map(|l| l.leader_id.term) != Some(m.current_term) {
-            return Err(format!(
-                "node {} leads partition {p} but has not applied its first entry of term {} yet",
-                self.inner.node, m.current_term
-            ));
+            return Err(NoLease::TermNotApplied {
+                node,
+                p,
+                term: m.current_term,
+            });
         }
         let voters = m.membership_config.membership().voter_ids().count();
         if voters > 1 {
@@ -543,16 +584,37 @@ impl Groups {
             match acked.map(|t| t.elapsed()) {
                 Some(age) if age < lease => {}
                 age => {
-                    return Err(format!(
-                        "node {} leads partition {p} but its lease ran out (last quorum contact {}, lease {} ms)",
-                        self.inner.node,
-                        age.map_or_else(|| "never".to_string(), |a| format!("{} ms ago", a.as_millis())),
-                        lease.as_millis()
-                    ))
+                    return Err(NoLease::Expired {
+                        node,
+                        p,
+                        age,
+                        lease,
+                    })
                 }
             }
         }
         Ok(m.current_term)
+    }
+
+    /// Waits (at most `within`) until this node, leading partition `p`, has applied an
+    /// entry of its current term: a new leader's first entry commits within a round
+    /// trip, and until then [`Groups::home_lease`] says [`NoLease::TermNotApplied`].
+    /// Whether it has.
+    pub async fn await_term_applied(&self, p: PartitionId, within: Duration) -> bool {
+        let Some(g) = self.group(p) else {
+            return false;
+        };
+        let me = self.inner.node.0;
+        let mut rx = g.raft.metrics();
+        let done = tokio::time::timeout(
+            within,
+            rx.wait_for(|m| {
+                m.current_leader != Some(me)
+                    || m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term)
+            }),
+        )
+        .await;
+        matches!(done, Ok(Ok(m)) if m.current_leader == Some(me))
     }
 
     /// Renews the home lease of partition `p` by confirming leadership with a quorum

@@ -5,11 +5,13 @@
 //! ([`state_machine`]) on top of [`crate::store`], the gRPC transport ([`network`]) over
 //! one shared channel per peer ([`peers`]), the cluster's genesis plan ([`cluster`]), the
 //! registry of groups the node takes part in ([`groups::Groups`]) and the routing of
-//! writes and strong reads to a partition's leader ([`routing`]).
+//! writes and strong reads to a partition's leader ([`routing`]), and the spreading of
+//! partition leaderships over the nodes ([`balance`]).
 //!
 //! Never touches: sled (only through `store`), client-facing errors (the API layer maps
 //! [`ConsensusError`]), rooms' message timelines (replication).
 
+pub mod balance;
 pub mod cluster;
 pub mod codec;
 pub mod groups;
@@ -22,7 +24,7 @@ pub mod state_machine;
 pub mod typ;
 
 pub use cluster::ClusterPlan;
-pub use groups::{AppliedEvent, ConsensusError, GroupStatus, Groups, Tuning};
+pub use groups::{AppliedEvent, ConsensusError, GroupStatus, Groups, NoLease, Tuning};
 pub use network::{ClusterRaftService, ReplicationHandler};
 pub use peers::Faults;
 pub use peers::Peers;

@@ -25,6 +25,7 @@ use parley_proto::v1::{
     BarrierReply, BarrierRequest, ForwardReply, ForwardRequest, GossipReply, GossipRequest,
     HelloReply, HelloRequest, PushBatchReply, PushBatchRequest, PushChangesReply,
     PushChangesRequest, PushOutcome, RaftReply, RaftRequest, SyncReply, SyncRequest,
+    TakeLeadershipReply, TakeLeadershipRequest,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -366,6 +367,17 @@ impl Cluster for ClusterRaftService {
             .await;
         let (ok, err) = encode_result(res);
         Ok(Response::new(BarrierReply { ok, err }))
+    }
+
+    async fn take_leadership(
+        &self,
+        request: Request<TakeLeadershipRequest>,
+    ) -> Result<Response<TakeLeadershipReply>, Status> {
+        self.groups
+            .take_leadership(request.get_ref())
+            .await
+            .map(|()| Response::new(TakeLeadershipReply {}))
+            .map_err(Status::failed_precondition)
     }
 
     async fn hello(&self, _: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {

@@ -1,6 +1,7 @@
 //! Three real `parley serve` processes forming a cluster through discovery
 //! (`--bootstrap-expect 3 --join …`): Raft-backed operations through any node, a partition
-//! leader killed with `kill -9`, quorum loss, and convergence after restarts.
+//! leader killed with `kill -9`, quorum loss, convergence after restarts, and partition
+//! leaderships that spread back over the nodes.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -95,6 +96,14 @@ fn three_processes_serve_any_room_and_survive_losing_nodes() {
                 })
         });
     }
+
+    // Whoever the elections picked, the leaders hand the partitions over until each
+    // node leads its share.
+    let took = support::wait_balanced(&c.nodes[0]);
+    eprintln!(
+        "balance: every partition led by its preferred node after {} ms",
+        took.as_millis()
+    );
 
     // Users and rooms created through different nodes, used through the others.
     let alice = support::user(&c.nodes[0], "alice");
@@ -235,6 +244,12 @@ fn three_processes_serve_any_room_and_survive_losing_nodes() {
             view(node, &alice) == expected
         });
     }
+    // The restarted nodes get their partitions back.
+    eventually(
+        Duration::from_secs(40),
+        "leaderships balanced after the restarts",
+        || support::leaders_balanced(&c.nodes[survivor]),
+    );
 
     // A fresh node joining the formed cluster is registered in the meta group; it holds
     // no replicas yet, so it answers clients with a clear UNAVAILABLE naming the others.

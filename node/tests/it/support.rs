@@ -434,7 +434,6 @@ pub fn user(node: &Node, name: &str) -> String {
     token
 }
 
-/// A room's history as JSON messages (oldest first), as `who` sees it.
 /// The node's `/metrics` (Prometheus text) as sample name (with labels) -> value.
 pub fn metrics(node: &Node) -> std::collections::HashMap<String, f64> {
     use std::io::{Read, Write};
@@ -459,6 +458,49 @@ pub fn metrics(node: &Node) -> std::collections::HashMap<String, f64> {
         .collect()
 }
 
+/// Whether every partition of a three-node, 16-partition cluster is led by its
+/// preferred node (`consensus::balance`), as `node`'s `cluster status` shows it.
+pub fn leaders_balanced(node: &Node) -> bool {
+    let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let plan = parley_node::consensus::ClusterPlan::genesis(&[1, 2, 3].map(|n| (n, any)), 16, 3);
+    let preferred = plan.preferred_leaders();
+    let lines = node.cli(None, &["--json", "cluster", "status"]).json();
+    let led: Vec<(u32, Option<u64>)> = lines
+        .iter()
+        .filter_map(|g| {
+            let p = g
+                .get("group")?
+                .as_str()?
+                .strip_prefix('p')?
+                .parse::<u32>()
+                .ok()?;
+            Some((p, g["leader"].as_u64()))
+        })
+        .collect();
+    led.len() == 16
+        && led.iter().all(|(p, l)| {
+            *l == preferred
+                .get(&parley_node::ids::PartitionId(*p).group())
+                .copied()
+        })
+}
+
+/// Waits (at most 40 s) until the leaderships of a fresh three-node cluster have
+/// settled on their preferred nodes: for tests that read a group's term or leader and
+/// need it to stay put. How long it took.
+pub fn wait_balanced(node: &Node) -> Duration {
+    let start = Instant::now();
+    while !leaders_balanced(node) {
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "partition leaderships did not settle on their preferred nodes within 40 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    start.elapsed()
+}
+
+/// A room's history as JSON messages (oldest first), as `who` sees it.
 pub fn history(node: &Node, token: &str, room: &str) -> Vec<serde_json::Value> {
     node.cli(Some(token), &["--json", "history", room, "--limit", "1000"])
         .json()
