@@ -629,15 +629,11 @@ fn forged_change(room_id: &str, id: &str, sender: &str, text: &str) -> Vec<u8> {
 /// a banned author; the same push, current and from a member, is applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_refuse_pushes_from_a_stale_home_or_a_banned_author() {
-    // The test reads a group's term and pushes with it: wait until the leaderships have
-    // settled, so that no handover moves the term meanwhile.
-    let c = tokio::task::spawn_blocking(|| {
-        let c = Cluster::start(3);
-        support::wait_balanced(&c.nodes[0]);
-        c
-    })
-    .await
-    .unwrap();
+    // The test reads a group's term and pushes with it: Cluster::start returns once the
+    // leaderships have settled, so no handover moves the term meanwhile.
+    let c = tokio::task::spawn_blocking(|| Cluster::start(3))
+        .await
+        .unwrap();
     let alice = support::user(&c.nodes[0], "alice");
     let bob = support::user(&c.nodes[1], "bob");
     c.nodes[0]

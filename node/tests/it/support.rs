@@ -643,7 +643,18 @@ impl Cluster {
                 }
             })
             .collect();
-        Self { nodes, args, seed }
+        let c = Self { nodes, args, seed };
+        // Tests start from the steady state: the handovers that spread a fresh cluster's
+        // leaderships (a dozen leader changes in its first seconds) are over. The bench
+        // measures sends during them.
+        if n == 3 {
+            let took = wait_balanced(&c.nodes[0]);
+            eprintln!(
+                "leaderships settled on their preferred nodes after {} ms",
+                took.as_millis()
+            );
+        }
+        c
     }
 
     /// Starts a fresh node that joins the formed cluster through the first node (no
