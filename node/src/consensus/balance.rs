@@ -13,8 +13,9 @@
 //!    group is yielding) and gives writes already under way a moment to finish;
 //! 2. it asks the preferred node to stand for election at once (`TakeLeadership`);
 //! 3. openraft grants that vote on the old leader once its own vote is older than the
-//!    vote lease, and the old leader steps down; the third voter refuses (it still hears
-//!    the old leader), which does not matter with three voters;
+//!    vote lease, and the old leader steps down; the other voters refuse (they still
+//!    hear the old leader), so the two votes win only in groups of up to three voters,
+//!    and larger groups are not balanced;
 //! 4. it stops yielding when the group has another leader, or after [`WAIT_WIN`].
 //!
 //! Writes that reach the old leader meanwhile wait for the handover
@@ -22,13 +23,14 @@
 //! partition's writers some latency, not errors.
 //!
 //! To stay correct:
-//! - The old home takes no fence stamp after it starts yielding, and the new leader can
-//!   only be elected after it asked for that: every stamp it handed out precedes the new
-//!   term, as with a leader that lost its lease (see `api::fence`).
+//! - The old home takes no fence stamp after it starts yielding, and only then asks the
+//!   preferred node to campaign early: every stamp it handed out precedes the new term,
+//!   as with a leader that lost its lease (see `api::fence`).
 //! - The receiver campaigns only while it follows the caller in the term the caller
 //!   names; a stale or repeated request changes nothing.
 //! - Only a leader starts a handover and only towards the preferred node, which never
-//!   hands its group on: no ping-pong. A failed attempt backs off ([`BACKOFF`]).
+//!   hands its group on: no ping-pong. A failed attempt backs off ([`RETRY`],
+//!   [`BACKOFF`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -193,14 +195,18 @@ impl Groups {
         (m.current_leader == Some(self.inner.node.0)).then_some(m.current_term)
     }
 
-    /// Whether `to` could win an election now: reachable, and holding every entry this
-    /// leader has (openraft refuses votes to a candidate with a shorter log).
+    /// Whether `to` could win an election now: reachable, holding every entry this
+    /// leader has (openraft refuses votes to a candidate with a shorter log), and in a
+    /// group where its own vote and this leader's are a majority.
     fn ready_to_lead(&self, raft: &Raft, to: u64) -> bool {
         if !self.inner.peers.recently_reachable(to) {
             return false;
         }
         let m = raft.metrics();
         let m = m.borrow();
+        if m.membership_config.membership().voter_ids().count() > 3 {
+            return false;
+        }
         let matched = m
             .replication
             .as_ref()
