@@ -66,6 +66,7 @@ pub(super) async fn status(ctx: &Ctx) -> ApiResult<pb::ClusterStatusResponse> {
         .into_iter()
         .map(|g| (g.group, g))
         .collect();
+    let preferred = plan.preferred_leaders();
     let groups = plan
         .replicas
         .iter()
@@ -79,6 +80,7 @@ pub(super) async fn status(ctx: &Ctx) -> ApiResult<pb::ClusterStatusResponse> {
                 applied_index: st.and_then(|s| s.applied_index).unwrap_or(0),
                 last_log_index: st.and_then(|s| s.last_log_index).unwrap_or(0),
                 local: st.is_some(),
+                preferred_leader: preferred.get(gid).copied().unwrap_or(0),
             }
         })
         .collect();

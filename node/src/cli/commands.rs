@@ -429,7 +429,8 @@ async fn cluster_status(ctx: &Ctx) -> anyhow::Result<()> {
         for g in &st.groups {
             ctx.out.value(&json!({"group": group_name(g.group), "voters": g.voters,
                 "leader": (g.leader != 0).then_some(g.leader), "term": g.term,
-                "applied_index": g.applied_index, "last_log_index": g.last_log_index, "local": g.local}))?;
+                "applied_index": g.applied_index, "last_log_index": g.last_log_index, "local": g.local,
+                "preferred_leader": (g.preferred_leader != 0).then_some(g.preferred_leader)}))?;
         }
         return Ok(());
     }
@@ -452,20 +453,23 @@ async fn cluster_status(ctx: &Ctx) -> anyhow::Result<()> {
         ))?;
     }
     ctx.out.line(&format!(
-        "{:<6} {:<36} {:<12} {:<6} {:<8} {}",
-        "GROUP", "VOTERS", "LEADER", "TERM", "APPLIED", "LOCAL"
+        "{:<6} {:<36} {:<12} {:<10} {:<6} {:<8} {}",
+        "GROUP", "VOTERS", "LEADER", "PREFERRED", "TERM", "APPLIED", "LOCAL"
     ))?;
-    for g in &st.groups {
-        let leader = if g.leader == 0 {
+    let node_or_dash = |n: u64| {
+        if n == 0 {
             "-".to_string()
         } else {
-            g.leader.to_string()
-        };
+            n.to_string()
+        }
+    };
+    for g in &st.groups {
         ctx.out.line(&format!(
-            "{:<6} {:<36} {:<12} {:<6} {:<8} {}",
+            "{:<6} {:<36} {:<12} {:<10} {:<6} {:<8} {}",
             group_name(g.group),
             join(&g.voters),
-            leader,
+            node_or_dash(g.leader),
+            node_or_dash(g.preferred_leader),
             g.term,
             g.applied_index,
             yes(g.local)

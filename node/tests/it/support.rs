@@ -465,7 +465,7 @@ pub fn leaders_balanced(node: &Node) -> bool {
     let plan = parley_node::consensus::ClusterPlan::genesis(&[1, 2, 3].map(|n| (n, any)), 16, 3);
     let preferred = plan.preferred_leaders();
     let lines = node.cli(None, &["--json", "cluster", "status"]).json();
-    let led: Vec<(u32, Option<u64>)> = lines
+    let led: Vec<(u32, Option<u64>, Option<u64>)> = lines
         .iter()
         .filter_map(|g| {
             let p = g
@@ -474,15 +474,20 @@ pub fn leaders_balanced(node: &Node) -> bool {
                 .strip_prefix('p')?
                 .parse::<u32>()
                 .ok()?;
-            Some((p, g["leader"].as_u64()))
+            Some((p, g["leader"].as_u64(), g["preferred_leader"].as_u64()))
         })
         .collect();
-    led.len() == 16
-        && led.iter().all(|(p, l)| {
-            *l == preferred
-                .get(&parley_node::ids::PartitionId(*p).group())
-                .copied()
-        })
+    let want = |p: u32| {
+        preferred
+            .get(&parley_node::ids::PartitionId(p).group())
+            .copied()
+    };
+    // The node names the same preferred leaders as the plan computed here.
+    assert!(
+        led.iter().all(|(p, _, shown)| *shown == want(*p)),
+        "cluster status shows other preferred leaders: {led:?}"
+    );
+    led.len() == 16 && led.iter().all(|(p, l, _)| *l == want(*p))
 }
 
 /// Waits (at most 40 s) until the leaderships of a fresh three-node cluster have
