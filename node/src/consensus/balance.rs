@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use parley_proto::v1::TakeLeadershipRequest;
 use tokio::sync::watch;
 
-use super::groups::Groups;
+use super::groups::{Group, Groups};
 use super::typ::Raft;
 use crate::ids::{GroupId, PartitionId};
 
@@ -171,7 +171,7 @@ impl Groups {
                     continue;
                 }
                 let stats = &self.inner.handovers;
-                let wait = match self.hand_over(*gid, term, *to).await {
+                let wait = match self.hand_over(*gid, g, term, *to).await {
                     Outcome::Moved => {
                         stats.done.fetch_add(1, Ordering::Relaxed);
                         since.remove(gid);
@@ -215,11 +215,8 @@ impl Groups {
         m.last_log_index.is_some() && matched == m.last_log_index
     }
 
-    /// One handover of `gid` (led by this node in `term`) to `to`.
-    async fn hand_over(&self, gid: GroupId, term: u64, to: u64) -> Outcome {
-        let Some(g) = self.inner.groups.get(&gid) else {
-            return Outcome::NotStarted;
-        };
+    /// One handover of group `gid` (`g`, led by this node in `term`) to `to`.
+    async fn hand_over(&self, gid: GroupId, g: &Group, term: u64, to: u64) -> Outcome {
         let me = self.inner.node.0;
         g.yielding.send_replace(Some(to));
         tokio::time::sleep(DRAIN).await;

@@ -213,6 +213,12 @@ async fn track_quorum_ack(raft: Raft, at: Arc<std::sync::Mutex<Option<std::time:
     }
 }
 
+/// Whether the node has applied an entry of its current term: as a leader, it then has
+/// every entry committed before its term (a ban among them) in its state.
+fn applied_own_term(m: &super::typ::RaftMetrics) -> bool {
+    m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term)
+}
+
 pub(super) struct Inner {
     pub(super) node: NodeId,
     pub(super) grpc_addr: SocketAddr,
@@ -570,7 +576,7 @@ impl Groups {
         if let Some(to) = *g.yielding.borrow() {
             return Err(NoLease::HandingOver { node, p, to });
         }
-        if m.last_applied.map(|l| l.leader_id.term) != Some(m.current_term) {
+        if !applied_own_term(&m) {
             return Err(NoLease::TermNotApplied {
                 node,
                 p,
@@ -608,10 +614,7 @@ impl Groups {
         let mut rx = g.raft.metrics();
         let done = tokio::time::timeout(
             within,
-            rx.wait_for(|m| {
-                m.current_leader != Some(me)
-                    || m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term)
-            }),
+            rx.wait_for(|m| m.current_leader != Some(me) || applied_own_term(m)),
         )
         .await;
         matches!(done, Ok(Ok(m)) if m.current_leader == Some(me))
