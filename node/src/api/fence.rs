@@ -32,6 +32,10 @@ use crate::replication::Fence;
 
 /// How long a write waits for its home to renew a lapsed lease (one heartbeat round).
 const LEASE_RENEWAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long, while a quorum of the group answers calls, a write may wait in all.
+const LEASE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+/// At most this many waits (a first entry of the term, lease renewals) per write.
+const RENEWALS: usize = 6;
 
 /// Why a replica refuses a pushed change. Nothing of the change was applied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -55,13 +59,24 @@ pub(super) async fn stamp(ctx: &Ctx, room: &RoomRecord, w: u8) -> ApiResult<Opti
     let p = ctx.placement.of_room(&room.id);
     let mut lease = ctx.groups.home_lease(p);
     // A leader just elected (a handover among them) first commits an entry of its term,
-    // then hears from a quorum: at most one wait for each, then the answer stands.
-    for _ in 0..2 {
+    // then hears from a quorum. On a starved machine a renewal's round trip can itself
+    // outlast the lease, so a few rounds are tried: within LEASE_RENEWAL, or
+    // LEASE_PATIENCE while a quorum of the group still answers calls (slow, not gone);
+    // then the answer stands.
+    let started = std::time::Instant::now();
+    for _ in 0..RENEWALS {
+        let within = if ctx.groups.quorum_reachable(p) {
+            LEASE_PATIENCE
+        } else {
+            LEASE_RENEWAL
+        };
+        let left = within.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            break;
+        }
         let waited = match &lease {
-            Err(NoLease::TermNotApplied { .. }) => {
-                ctx.groups.await_term_applied(p, LEASE_RENEWAL).await
-            }
-            Err(NoLease::Expired { .. }) => ctx.groups.renew_lease(p, LEASE_RENEWAL).await,
+            Err(NoLease::TermNotApplied { .. }) => ctx.groups.await_term_applied(p, left).await,
+            Err(NoLease::Expired { .. }) => ctx.groups.renew_lease(p, left).await,
             _ => false,
         };
         if !waited {

@@ -58,8 +58,10 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(1);
 /// After a handover that was not started (the preferred node fell behind while the
 /// group drained), the group is left alone this long;
 const RETRY: Duration = Duration::from_secs(5);
-/// after one that was started and did not land, this long.
-const BACKOFF: Duration = Duration::from_secs(30);
+/// after one that was started and did not land, this long: a failed campaign cost the
+/// group's writers up to [`WAIT_WIN`], so not every few seconds, but soon enough that a
+/// node back from a restart gets its partitions within seconds, not minutes.
+const BACKOFF: Duration = Duration::from_secs(10);
 
 enum Outcome {
     /// The preferred node leads the group now.
@@ -68,6 +70,20 @@ enum Outcome {
     NotStarted,
     /// The preferred node was asked and does not lead (yet).
     NotLanded,
+}
+
+/// Waits (at most [`WAIT_WIN`]) while this node hands group `g` over; at once otherwise.
+/// Home writes wait here ([`Groups::settle`]), and so do Raft proposals and barriers on
+/// the old leader: an entry appended there after the preferred node was found holding
+/// the whole log would make that node's campaign fail (openraft refuses a vote to a
+/// shorter log) while its higher term still deposes the leader, and the proposal could
+/// hang until its timeout.
+pub(super) async fn settled(g: &Group) {
+    if g.yielding.borrow().is_none() {
+        return;
+    }
+    let mut rx = g.yielding.subscribe();
+    let _ = tokio::time::timeout(WAIT_WIN, rx.wait_for(Option::is_none)).await;
 }
 
 /// Counts of handovers this node started, for `/metrics`.
@@ -82,14 +98,9 @@ impl Groups {
     /// is done, so that a write routed afterwards finds the new home. Returns at once
     /// otherwise.
     pub async fn settle(&self, p: PartitionId) {
-        let Some(g) = self.group(p) else {
-            return;
-        };
-        if g.yielding.borrow().is_none() {
-            return;
+        if let Some(g) = self.group(p) {
+            settled(g).await;
         }
-        let mut rx = g.yielding.subscribe();
-        let _ = tokio::time::timeout(WAIT_WIN, rx.wait_for(Option::is_none)).await;
     }
 
     /// Handover counts since start: (done, failed).

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use openraft::error::Fatal;
+use openraft::error::{CheckIsLeaderError, Fatal};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -99,6 +99,11 @@ pub struct GroupStatus {
     /// Whether this node leads the group right now (as far as it knows).
     pub is_leader: bool,
 }
+
+/// At most this many heartbeat rounds per [`Groups::renew_lease`],
+const RENEW_ROUNDS: usize = 20;
+/// this long apart.
+const RENEW_PAUSE: Duration = Duration::from_millis(20);
 
 /// Timing and log-compaction knobs. [`Tuning::default`] is what a node runs with; tests
 /// lower the snapshot threshold.
@@ -198,14 +203,28 @@ pub(super) struct Group {
 /// when it publishes metrics (on events, and on its tick every 1.5 heartbeats), so the
 /// value read later is older than it says; turned into an instant as soon as it is
 /// published, the age measured from it is right at any later moment.
+///
+/// Within one term the instant only moves forward: a publish computed from an older ack
+/// must not undo a newer one [`Groups::renew_lease`] recorded. A new term starts over.
 async fn track_quorum_ack(raft: Raft, at: Arc<std::sync::Mutex<Option<std::time::Instant>>>) {
     let mut rx = raft.metrics();
+    let mut term = None;
     loop {
-        let acked = rx
-            .borrow_and_update()
-            .millis_since_quorum_ack
-            .and_then(|ms| std::time::Instant::now().checked_sub(Duration::from_millis(ms)));
-        *at.lock().unwrap_or_else(|p| p.into_inner()) = acked;
+        let (acked, now_term) = {
+            let m = rx.borrow_and_update();
+            let acked = m
+                .millis_since_quorum_ack
+                .and_then(|ms| std::time::Instant::now().checked_sub(Duration::from_millis(ms)));
+            (acked, m.current_term)
+        };
+        {
+            let mut at = at.lock().unwrap_or_else(|p| p.into_inner());
+            *at = match (acked, *at) {
+                (Some(new), Some(old)) if term == Some(now_term) => Some(new.max(old)),
+                _ => acked,
+            };
+        }
+        term = Some(now_term);
         // Ends when the Raft shuts down and drops its metrics sender.
         if rx.changed().await.is_err() {
             return;
@@ -624,21 +643,54 @@ impl Groups {
     /// now (a heartbeat round sent after this call began); false if that fails within
     /// `within`. Under load heartbeats answer late and the lease runs out between
     /// them; a write then pays one round trip instead of being refused.
+    ///
+    /// openraft gives each heartbeat of such a round one heartbeat interval to answer; on
+    /// a starved machine a round can miss a quorum only because replies came late, so a
+    /// failed round is repeated (at most [`RENEW_ROUNDS`]) while `within` lasts and this
+    /// node still leads.
     pub async fn renew_lease(&self, p: PartitionId, within: Duration) -> bool {
         let Some(g) = self.group(p) else {
             return false;
         };
-        let asked = std::time::Instant::now();
-        match tokio::time::timeout(within, g.raft.ensure_linearizable()).await {
-            Ok(Ok(_)) => {
-                let mut at = g.quorum_acked.lock().unwrap_or_else(|e| e.into_inner());
-                if at.is_none_or(|t| t < asked) {
-                    *at = Some(asked);
+        let deadline = tokio::time::Instant::now() + within;
+        for _ in 0..RENEW_ROUNDS {
+            let asked = std::time::Instant::now();
+            match tokio::time::timeout_at(deadline, g.raft.ensure_linearizable()).await {
+                Ok(Ok(_)) => {
+                    let mut at = g.quorum_acked.lock().unwrap_or_else(|e| e.into_inner());
+                    if at.is_none_or(|t| t < asked) {
+                        *at = Some(asked);
+                    }
+                    return true;
                 }
-                true
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {
+                    let pause = tokio::time::Instant::now() + RENEW_PAUSE;
+                    if pause >= deadline {
+                        return false;
+                    }
+                    tokio::time::sleep_until(pause).await;
+                }
+                // Not the leader, stopped, or out of time.
+                _ => return false,
             }
-            _ => false,
         }
+        false
+    }
+
+    /// Whether a majority of partition `p`'s voters answered a call lately: its quorum is
+    /// slow rather than gone (see [`super::peers::Peers::quorum_reachable`]).
+    pub fn quorum_reachable(&self, p: PartitionId) -> bool {
+        self.group(p).is_some_and(|g| {
+            let voters: Vec<u64> = g
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .collect();
+            self.inner.peers.quorum_reachable(&voters)
+        })
     }
 
     /// This node's current term of group `gid` (`None` without a local replica).

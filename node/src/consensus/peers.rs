@@ -149,6 +149,16 @@ impl Peers {
         }
     }
 
+    /// Whether a majority of `voters` (this node among them, if it is one) answered a
+    /// call recently: a slow quorum rather than a lost one.
+    pub fn quorum_reachable(&self, voters: &[u64]) -> bool {
+        let up = voters
+            .iter()
+            .filter(|n| self.recently_reachable(**n))
+            .count();
+        up > voters.len() / 2
+    }
+
     /// Whether `node` answered a call recently (this node always counts as reachable).
     pub fn recently_reachable(&self, node: u64) -> bool {
         if node == self.me {

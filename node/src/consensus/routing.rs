@@ -22,6 +22,7 @@ use parley_proto::v1::{BarrierRequest, ForwardRequest};
 
 use super::codec;
 use super::groups::{fatal_err, ConsensusError, Group, Groups};
+use super::peers::Peers;
 use super::state;
 use super::typ::{Node, RaftError, Reply};
 use crate::ids::{GroupId, PartitionId};
@@ -72,15 +73,29 @@ fn hint_of(f: &ForwardToLeader<u64, Node>) -> Option<(u64, String)> {
 }
 
 /// Resolves once the leader of `g` has not heard from a quorum for longer than `stale`
-/// (never for a single-voter group, or if that does not happen within `timeout`).
-async fn quorum_lost(g: &Group, voters: usize, stale: Duration, timeout: Duration) {
-    if voters > 1 {
+/// and a quorum of the group's voters has not answered any call lately (never for a
+/// single-voter group, or if that does not happen within `timeout`). Acks that are only
+/// slow (a starved machine) do not count as lost: the entry may well commit.
+async fn quorum_lost(g: &Group, peers: &Peers, stale: Duration, timeout: Duration) {
+    let voters: Vec<u64> = g
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect();
+    if voters.len() > 1 {
         let stale_ms = stale.as_millis() as u64;
+        let peers = peers.clone();
         let seen = g
             .raft
             .wait(Some(timeout))
             .metrics(
-                move |m| m.millis_since_quorum_ack.is_some_and(|ms| ms > stale_ms),
+                move |m| {
+                    m.millis_since_quorum_ack.is_some_and(|ms| ms > stale_ms)
+                        && !peers.quorum_reachable(&voters)
+                },
                 "quorum contact lost",
             )
             .await;
@@ -259,6 +274,7 @@ impl Groups {
                 why: format!("group {gid} is not on node {}", self.inner.node),
             };
         };
+        super::balance::settled(g).await;
         let m = g.raft.metrics().borrow().clone();
         let voters = m.membership_config.membership().voter_ids().count();
         let stale = self.inner.tuning.quorum_stale();
@@ -278,7 +294,7 @@ impl Groups {
             Op::Write(cmd) => {
                 // Proposed from here on: a give-up is `Timeout`, the entry may still commit.
                 // Give up early when the leader loses its quorum meanwhile.
-                let lost = quorum_lost(g, voters, stale, timeout);
+                let lost = quorum_lost(g, &self.inner.peers, stale, timeout);
                 let res = tokio::select! {
                     r = tokio::time::timeout(timeout, g.raft.client_write(cmd.clone())) => match r {
                         Ok(r) => r,
@@ -306,7 +322,7 @@ impl Groups {
                 }
             }
             Op::Barrier => {
-                let lost = quorum_lost(g, voters, stale, timeout);
+                let lost = quorum_lost(g, &self.inner.peers, stale, timeout);
                 let res = tokio::select! {
                     r = tokio::time::timeout(timeout, g.raft.ensure_linearizable()) => match r {
                         Ok(r) => r,
