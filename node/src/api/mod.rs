@@ -134,13 +134,10 @@ impl Ctx {
         } else {
             match self.groups.read(p, |s| key.find(s)) {
                 Some(r) => Some(r),
-                // Created through another node a moment ago? Ask the leader before saying no.
-                None => self
-                    .groups
-                    .read_strong(p, |s| key.find(s))
-                    .await
-                    .ok()
-                    .flatten(),
+                // Created through another node a moment ago, or this replica is behind
+                // (just restarted)? Ask the leader before saying no; if it cannot be
+                // asked, say that rather than "not found".
+                None => self.groups.read_strong(p, |s| key.find(s)).await?,
             }
         };
         found.ok_or_else(|| ApiError::NotFound(format!("room {room} not found")))
@@ -189,17 +186,21 @@ impl Ctx {
         }
     }
 
-    /// Whether a user exists: the local replica, confirmed linearizably when it says no.
-    pub async fn user_exists(&self, user: &UserId) -> bool {
+    /// Whether a user exists: the local replica, confirmed linearizably when it says no
+    /// (an error if that confirmation cannot be had, rather than a wrong "no").
+    pub async fn user_exists(&self, user: &UserId) -> ApiResult<bool> {
         let p = self.placement.of_user(user);
         let look = |s: &State| s.users.contains_key(user);
-        self.groups.read(p, look) || self.groups.read_strong(p, look).await.unwrap_or(false)
+        if self.groups.read(p, look) {
+            return Ok(true);
+        }
+        Ok(self.groups.read_strong(p, look).await?)
     }
 
     /// Parses a user name and checks the user exists.
     pub async fn existing_user(&self, name: &str) -> ApiResult<UserId> {
         let u = UserId::parse(name.trim())?;
-        if !self.user_exists(&u).await {
+        if !self.user_exists(&u).await? {
             return Err(ApiError::NotFound(format!("user {u} not found")));
         }
         Ok(u)

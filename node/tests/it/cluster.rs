@@ -221,6 +221,14 @@ fn three_processes_serve_any_room_and_survive_losing_nodes() {
     let rooms = lonely.cli(Some(&alice), &["--json", "room", "list"]).json();
     assert!(rooms.len() >= 9, "local reads still answer");
     assert_eq!(lonely.cli(Some(&alice), &["whoami"]).ok(), "alice");
+    // A name this replica does not know cannot be confirmed absent without a quorum:
+    // the answer is "unavailable", never a wrong "not found".
+    lonely
+        .cli(Some(&alice), &["room", "join", "never-created"])
+        .fails("UNAVAILABLE", 3);
+    lonely
+        .cli(Some(&alice), &["dm", "nobody-here", "hello"])
+        .fails("UNAVAILABLE", 3);
 
     // Both come back from their data dirs; writes work again and every node converges.
     c.restart(victim);
