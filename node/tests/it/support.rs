@@ -163,6 +163,14 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
+        // A failed test leaves its nodes' data and logs behind for a post-mortem.
+        if std::thread::panicking() {
+            self.dir.disable_cleanup(true);
+            eprintln!(
+                "kept the node's data and logs in {}",
+                self.dir.path().display()
+            );
+        }
     }
 }
 
