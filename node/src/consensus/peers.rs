@@ -203,4 +203,29 @@ mod tests {
             Err(PeerError::BadAddress { node: 4, .. })
         ));
     }
+
+    #[tokio::test]
+    async fn a_quorum_is_reachable_only_with_a_majority_answering() {
+        let peers = Peers::new(1);
+        for n in [2, 3, 4, 5] {
+            peers.client(n, "127.0.0.1:1").unwrap();
+        }
+        // Nobody has answered yet: this node alone is no majority of three.
+        assert!(!peers.quorum_reachable(&[1, 2, 3]));
+        assert!(peers.quorum_reachable(&[1]));
+        peers.mark_ok(2);
+        assert!(peers.quorum_reachable(&[1, 2, 3]));
+        // Two of five is not a majority; three is.
+        assert!(!peers.quorum_reachable(&[1, 2, 3, 4, 5]));
+        peers.mark_ok(4);
+        assert!(peers.quorum_reachable(&[1, 2, 3, 4, 5]));
+        // A cut link does not count, however recent its last answer.
+        peers.faults().block(1, 2);
+        assert!(!peers.quorum_reachable(&[1, 2, 3]));
+        // Voters that do not include this node need a majority of their own.
+        peers.faults().heal();
+        assert!(!peers.quorum_reachable(&[2, 3, 5]));
+        peers.mark_ok(3);
+        assert!(peers.quorum_reachable(&[2, 3, 5]));
+    }
 }
