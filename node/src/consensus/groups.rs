@@ -198,6 +198,19 @@ pub(super) struct Group {
     pub(super) yielding: tokio::sync::watch::Sender<Option<u64>>,
 }
 
+impl Group {
+    /// The group's voters, as this node's Raft sees its membership now.
+    pub(super) fn voters(&self) -> Vec<u64> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+}
+
 /// Keeps `at` = the instant a quorum last acknowledged what this node sent as `raft`'s
 /// leader, until the Raft shuts down. openraft computes `millis_since_quorum_ack` only
 /// when it publishes metrics (on events, and on its tick every 1.5 heartbeats), so the
@@ -680,17 +693,8 @@ impl Groups {
     /// Whether a majority of partition `p`'s voters answered a call lately: its quorum is
     /// slow rather than gone (see [`super::peers::Peers::quorum_reachable`]).
     pub fn quorum_reachable(&self, p: PartitionId) -> bool {
-        self.group(p).is_some_and(|g| {
-            let voters: Vec<u64> = g
-                .raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .voter_ids()
-                .collect();
-            self.inner.peers.quorum_reachable(&voters)
-        })
+        self.group(p)
+            .is_some_and(|g| self.inner.peers.quorum_reachable(&g.voters()))
     }
 
     /// This node's current term of group `gid` (`None` without a local replica).

@@ -77,14 +77,7 @@ fn hint_of(f: &ForwardToLeader<u64, Node>) -> Option<(u64, String)> {
 /// single-voter group, or if that does not happen within `timeout`). Acks that are only
 /// slow (a starved machine) do not count as lost: the entry may well commit.
 async fn quorum_lost(g: &Group, peers: &Peers, stale: Duration, timeout: Duration) {
-    let voters: Vec<u64> = g
-        .raft
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
-        .voter_ids()
-        .collect();
+    let voters = g.voters();
     if voters.len() > 1 {
         let stale_ms = stale.as_millis() as u64;
         let peers = peers.clone();
@@ -457,14 +450,7 @@ impl Groups {
     /// short `Hello` unless a call to them succeeded recently). For error messages.
     async fn reachable_replicas(&self, gid: GroupId) -> (usize, usize) {
         let voters: Vec<u64> = match self.inner.groups.get(&gid) {
-            Some(g) => g
-                .raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .voter_ids()
-                .collect(),
+            Some(g) => g.voters(),
             None => self
                 .inner
                 .plan
