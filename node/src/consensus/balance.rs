@@ -20,7 +20,9 @@
 //!
 //! Writes that reach the old leader meanwhile wait for the handover
 //! ([`Groups::settle`]) and then go to the new home: a balancing step costs the
-//! partition's writers some latency, not errors.
+//! partition's writers some latency, not errors. Raft proposals and barriers wait the
+//! same way ([`settled`]), so the preferred node still holds the whole log when it
+//! campaigns.
 //!
 //! To stay correct:
 //! - The old home takes no fence stamp after it starts yielding, and only then asks the
