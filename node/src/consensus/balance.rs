@@ -4,9 +4,10 @@
 //! at genesis and after restarts is rarely an even split (a fresh three-node testnet
 //! came up 0/6/10 of 16).
 //!
-//! Each partition has a preferred leader ([`ClusterPlan::preferred_leaders`], the same
-//! on every node). A leader that is not its group's preferred one and has led it for a
-//! while hands the group over once the preferred node is reachable and holds its whole
+//! Each partition has a preferred leader
+//! ([`super::cluster::ClusterPlan::preferred_leaders`], the same on every node). A
+//! leader that is not its group's preferred one and has led it for a while hands the
+//! group over once the preferred node is reachable and holds its whole
 //! log:
 //!
 //! 1. it stops writing as the rooms' home ([`Groups::home_lease`] refuses while the
