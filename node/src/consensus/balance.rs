@@ -7,8 +7,7 @@
 //! Each partition has a preferred leader
 //! ([`super::cluster::ClusterPlan::preferred_leaders`], the same on every node). A
 //! leader that is not its group's preferred one and has led it for a while hands the
-//! group over once the preferred node is reachable and holds its whole
-//! log:
+//! group over once the preferred node is reachable and holds its whole log:
 //!
 //! 1. it stops writing as the rooms' home ([`Groups::home_lease`] refuses while the
 //!    group is yielding) and gives writes already under way a moment to finish;
