@@ -65,20 +65,24 @@ pub(super) async fn stamp(ctx: &Ctx, room: &RoomRecord, w: u8) -> ApiResult<Opti
     // then the answer stands.
     let started = std::time::Instant::now();
     for _ in 0..RENEWALS {
+        let first_entry = match &lease {
+            Err(NoLease::TermNotApplied { .. }) => true,
+            Err(NoLease::Expired { .. }) => false,
+            // In lease (the usual case), or a refusal no wait mends.
+            _ => break,
+        };
         let within = if ctx.groups.quorum_reachable(p) {
             LEASE_PATIENCE
         } else {
             LEASE_RENEWAL
         };
         let left = within.saturating_sub(started.elapsed());
-        if left.is_zero() {
-            break;
-        }
-        let waited = match &lease {
-            Err(NoLease::TermNotApplied { .. }) => ctx.groups.await_term_applied(p, left).await,
-            Err(NoLease::Expired { .. }) => ctx.groups.renew_lease(p, left).await,
-            _ => false,
-        };
+        let waited = !left.is_zero()
+            && if first_entry {
+                ctx.groups.await_term_applied(p, left).await
+            } else {
+                ctx.groups.renew_lease(p, left).await
+            };
         if !waited {
             break;
         }
