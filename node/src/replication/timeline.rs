@@ -1077,25 +1077,7 @@ async fn commit_pipeline(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedR
         for (room, slot) in rooms {
             guards.push((room, slot.lock_owned().await));
         }
-        let done: Vec<(RoomId, Persisted)> = blocking(|| {
-            guards
-                .into_iter()
-                .filter_map(|(room, mut g)| {
-                    let rd = g.as_mut()?;
-                    match persist(&inner, &room, rd) {
-                        Ok(p) => Some((room, p)),
-                        Err(e) => {
-                            tracing::error!(room = %room, error = %e, "timeline write failed; reloading the room");
-                            for w in std::mem::take(&mut rd.pending_waiters) {
-                                let _ = w.done.send(Err(e.clone().into()));
-                            }
-                            *g = None;
-                            None
-                        }
-                    }
-                })
-                .collect()
-        });
+        let done: Vec<(RoomId, Persisted)> = blocking(|| persist_all(&inner, guards));
         // Changes go to the peers now, while this node flushes: a writer is answered
         // once its entry is flushed here and acknowledged by enough peers.
         let network = inner
@@ -1182,14 +1164,67 @@ struct Persisted {
     fence: Option<Fence>,
 }
 
-/// Writes a room's pending entries (one automerge change holding all of them, plus their
-/// index entries) as one batch, then compacts or seals the chunk if it is due (only the
-/// room's writer seals: see `remote`). Called with the room lock held.
-fn persist(inner: &Inner, room: &RoomId, rd: &mut RoomDoc) -> Result<Persisted, StoreError> {
+/// A room's part of a pipeline round, staged into the round's shared batch.
+struct Staged {
+    chunk: u32,
+    change: Vec<u8>,
+}
+
+/// Writes the pending entries of every room of a pipeline round (per room, one
+/// automerge change holding all of them, plus their index entries) as ONE sled batch,
+/// then compacts or seals the chunks that are due (only a room's writer seals: see
+/// `remote`). One batch per round, not per room: sled writes out its log buffer before
+/// and after every batch (`pin_log`), so batches per room cost two buffer writes each.
+/// If the batch fails, nothing of it was written: every room of the round is answered
+/// with the error and dropped from memory, to be reloaded from what the store holds.
+fn persist_all(
+    inner: &Inner,
+    guards: Vec<(RoomId, tokio::sync::OwnedMutexGuard<Option<RoomDoc>>)>,
+) -> Vec<(RoomId, Persisted)> {
     let t = &inner.tree;
-    let chunk = rd.chunk;
-    let change = rd.doc.save_incremental();
     let mut batch = Batch::default();
+    let mut staged = Vec::with_capacity(guards.len());
+    for (room, mut g) in guards {
+        let Some(rd) = g.as_mut() else { continue };
+        let s = stage(&room, rd, &mut batch);
+        staged.push((room, g, s));
+    }
+    if let Err(e) = t.apply(batch) {
+        for (room, g, _) in staged {
+            fail_room(&room, g, e.clone());
+        }
+        return Vec::new();
+    }
+    staged
+        .into_iter()
+        .filter_map(|(room, mut g, s)| {
+            let rd = g.as_mut()?;
+            match finish(inner, &room, rd, s) {
+                Ok(p) => Some((room, p)),
+                Err(e) => {
+                    fail_room(&room, g, e);
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// Answers a room's waiters with a storage error and drops the room from memory: its
+/// document may hold changes the store does not.
+fn fail_room(room: &RoomId, mut g: tokio::sync::OwnedMutexGuard<Option<RoomDoc>>, e: StoreError) {
+    tracing::error!(room = %room, error = %e, "timeline write failed; reloading the room");
+    if let Some(rd) = g.as_mut() {
+        for w in std::mem::take(&mut rd.pending_waiters) {
+            let _ = w.done.send(Err(e.clone().into()));
+        }
+    }
+    *g = None;
+}
+
+/// Puts a room's new automerge change and its pending index entries into `batch`.
+fn stage(room: &RoomId, rd: &mut RoomDoc, batch: &mut Batch) -> Staged {
+    let change = rd.doc.save_incremental();
     if !change.is_empty() {
         batch.insert(
             key(
@@ -1203,7 +1238,22 @@ fn persist(inner: &Inner, room: &RoomId, rd: &mut RoomDoc) -> Result<Persisted, 
     for (k, v) in rd.pending.drain(..) {
         batch.insert(k, v);
     }
-    t.apply(batch)?;
+    Staged {
+        chunk: rd.chunk,
+        change,
+    }
+}
+
+/// After the round's batch is written: counts the room's change, compacts or seals its
+/// chunk if due, and hands over what to push and publish.
+fn finish(
+    inner: &Inner,
+    room: &RoomId,
+    rd: &mut RoomDoc,
+    s: Staged,
+) -> Result<Persisted, StoreError> {
+    let t = &inner.tree;
+    let Staged { chunk, change } = s;
     if !change.is_empty() {
         rd.next_seq += 1;
         rd.bytes += change.len();
