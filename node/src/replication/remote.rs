@@ -94,6 +94,10 @@ const EXCHANGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10)
 /// the sum of its exchanges: 78 s after a heal on a starved machine (FAULTS anomaly 7).
 const ANTI_ENTROPY_ROOMS_AT_ONCE: usize = 4;
 
+/// Pushes up to this many bytes of changes apply in place on the open chunk (see
+/// `with_chunk`): one message's change is a few hundred bytes.
+const SHORT_PUSH: usize = 16 * 1024;
+
 /// Peers whose anti-entropy exchange failed during one pass, skipped for its rest.
 type FailedPeers = std::sync::Mutex<std::collections::HashSet<u64>>;
 
@@ -457,7 +461,8 @@ impl Timelines {
         let (rx, complete) = {
             let mut g = slot.lock().await;
             let rd = self.load_locked(room, &mut g)?;
-            let complete = self.with_chunk(room, rd, chunk, |doc| {
+            let short = changes.iter().map(Vec::len).sum::<usize>() <= SHORT_PUSH;
+            let complete = self.with_chunk(room, rd, chunk, short, |doc| {
                 super::timeline::load_changes(doc, changes).map_err(|e| {
                     TimelineError::Invalid {
                         reason: format!("a pushed change does not decode: {e}"),
@@ -475,23 +480,36 @@ impl Timelines {
     /// entries it gained. The open chunk is used in place; a later chunk first seals the
     /// open one (the writer sealed: follow it); an earlier, sealed chunk is loaded from
     /// disk and saved back with the same batch. Called with the room lock held.
+    ///
+    /// `short`: `f` is short work (a small push) and runs in place on the open chunk,
+    /// since it takes about as long as handing the worker's other tasks to another
+    /// thread would. Anything else (sync exchanges, seals, sealed chunks) runs in a
+    /// blocking section.
     fn with_chunk<R>(
         &self,
         room: &RoomId,
         rd: &mut RoomDoc,
         chunk: u32,
+        short: bool,
         f: impl FnOnce(&mut AutoCommit) -> Result<R, TimelineError>,
     ) -> Result<R, TimelineError> {
-        super::timeline::blocking(|| {
-            let t = &self.inner.tree;
-            while rd.chunk < chunk {
-                super::timeline::seal(t, room, rd)?;
-            }
-            if chunk == rd.chunk {
+        if chunk >= rd.chunk {
+            let open = |rd: &mut RoomDoc| {
+                while rd.chunk < chunk {
+                    super::timeline::seal(&self.inner.tree, room, rd)?;
+                }
                 let (r, new) = apply_and_collect(room, &mut rd.doc, f);
                 self.queue_new(room, rd, new, true)?;
-                return r;
-            }
+                r
+            };
+            return if short && chunk == rd.chunk {
+                open(rd)
+            } else {
+                super::timeline::blocking(|| open(rd))
+            };
+        }
+        super::timeline::blocking(|| {
+            let t = &self.inner.tree;
             let skey = key(b's', room, &[&chunk.to_be_bytes()]);
             let mut doc = match rd.read_through(t, &skey)? {
                 Some(bytes) => AutoCommit::load(&bytes)
@@ -608,7 +626,7 @@ impl Timelines {
                 }
                 states.remove(&k).unwrap_or_default()
             };
-            let (message, lacked) = self.with_chunk(&room, rd, req.chunk, |doc| {
+            let (message, lacked) = self.with_chunk(&room, rd, req.chunk, false, |doc| {
                 if !req.message.is_empty() {
                     let msg = decode_sync(&req.message, "sync message")?;
                     doc.sync()
@@ -780,7 +798,7 @@ impl Timelines {
                 let mut g = slot.lock().await;
                 let rd = self.load_locked(room, &mut g)?;
                 let before = rd.pending.len();
-                let m = self.with_chunk(room, rd, chunk, |doc| {
+                let m = self.with_chunk(room, rd, chunk, false, |doc| {
                     Ok(doc
                         .sync()
                         .generate_sync_message(&mut state)
@@ -812,7 +830,7 @@ impl Timelines {
                 let rd = self.load_locked(room, &mut g)?;
                 let msg = decode_sync(&reply.message, "sync reply")?;
                 let had = rd.pending_events.len();
-                let lacked = self.with_chunk(room, rd, chunk, |doc| {
+                let lacked = self.with_chunk(room, rd, chunk, false, |doc| {
                     doc.sync()
                         .receive_sync_message(&mut state, msg)
                         .map_err(|e| TimelineError::Invalid {
