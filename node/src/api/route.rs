@@ -23,6 +23,10 @@ use crate::consensus::state::RoomRecord;
 const FORWARDED: &str = "x-parley-forwarded";
 const MAX_HOPS: u8 = 2;
 
+/// How long a write that needs a leader waits for one to be known before it is refused
+/// (two of the longest election timeouts).
+const LEADER_WAIT: Duration = Duration::from_millis(1200);
+
 /// How long a forwarded write may take on the home.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -61,7 +65,13 @@ pub(super) async fn route(
     if hops >= MAX_HOPS {
         return Ok(Route::Local);
     }
-    match ctx.groups.leader_of(p) {
+    // With no leader known (an election, a handover), a write that needs one waits a
+    // little for it before it is refused.
+    let leader = match ctx.groups.leader_of(p) {
+        None if w > 1 && hops == 0 => ctx.groups.leader_within(p, LEADER_WAIT).await,
+        known => known,
+    };
+    match leader {
         Some(n) if n == ctx.node.0 => Ok(Route::Local),
         Some(n) => {
             let addr = ctx

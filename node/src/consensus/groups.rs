@@ -592,6 +592,21 @@ impl Groups {
             .and_then(|g| g.raft.metrics().borrow().current_leader)
     }
 
+    /// The leader of partition `p`, waiting at most `wait` for one to be known: an
+    /// election or a handover is usually over within an election timeout.
+    pub async fn leader_within(&self, p: PartitionId, wait: Duration) -> Option<u64> {
+        let g = self.group(p)?;
+        if let Some(l) = g.raft.metrics().borrow().current_leader {
+            return Some(l);
+        }
+        g.raft
+            .wait(Some(wait))
+            .metrics(|m| m.current_leader.is_some(), "some leader known")
+            .await
+            .ok()
+            .and_then(|m| m.current_leader)
+    }
+
     /// Whether this node may write partition `p`'s room timelines as their home now, and
     /// the term to fence the write with. Yes only while it leads the group, a quorum
     /// acknowledged something it sent within [`Tuning::home_lease_ms`] (shorter than any
@@ -830,6 +845,53 @@ mod tests {
             token_hash: [7; 32],
             at: 1,
         }
+    }
+
+    /// `leader_within` answers at once when a leader is known, waits for one elected
+    /// meanwhile, and gives up after its bound when none can be.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leader_within_waits_for_an_election_and_is_bounded() {
+        let (tx, _rx) = broadcast::channel(64);
+        let no_wait = Tuning {
+            leader_wait: Duration::ZERO,
+            ..Tuning::default()
+        };
+        // One voter, opened without waiting for its elections: they finish meanwhile.
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(dir.path()).await;
+        let plan = ClusterPlan::single(ME.0, addr(), 2);
+        let solo = Groups::open_cluster(&db, ME, addr(), Some(plan), no_wait.clone(), tx.clone())
+            .await
+            .unwrap();
+        for p in 0..2 {
+            let leader = solo
+                .leader_within(PartitionId(p), Duration::from_secs(10))
+                .await;
+            assert_eq!(leader, Some(ME.0), "partition {p}");
+        }
+        // Three voters, two of which never start: no leader, and the wait ends.
+        let dir3 = tempfile::tempdir().unwrap();
+        let db3 = open_db(dir3.path()).await;
+        // Port 9 (discard) on loopback: nothing answers there.
+        let nobody = SocketAddr::from(([127, 0, 0, 1], 9));
+        let plan3 = ClusterPlan::genesis(&[(ME.0, addr()), (2, nobody), (3, nobody)], 1, 3);
+        let lonely = Groups::open_cluster(&db3, ME, addr(), Some(plan3), no_wait, tx)
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(
+            lonely
+                .leader_within(PartitionId(0), Duration::from_millis(400))
+                .await,
+            None
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(400) && waited < Duration::from_secs(5),
+            "waited {waited:?}"
+        );
+        solo.shutdown().await;
+        lonely.shutdown().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
