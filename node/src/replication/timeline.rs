@@ -1333,6 +1333,26 @@ mod tests {
         (db, tl, hub)
     }
 
+    /// [`open`] again after a handle on `dir` was dropped. sled allows one opener per
+    /// directory and lets go of it in the background: retry until it has (at most 2 s).
+    async fn reopen(dir: &std::path::Path, limits: ChunkLimits) -> (Db, Timelines, Hub) {
+        for _ in 0..200 {
+            match Db::open(dir) {
+                Ok(db) => {
+                    let hub = Hub::new();
+                    let tl = Timelines::open(&db, Arc::new(Hlc::new(1, 0)), hub.clone(), limits)
+                        .unwrap();
+                    return (db, tl, hub);
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+        panic!(
+            "the store under {} did not reopen within 2 s",
+            dir.display()
+        );
+    }
+
     fn msg(r: &RoomId, text: &str, cid: &str) -> NewMessage {
         NewMessage {
             room: r.clone(),
@@ -1700,9 +1720,7 @@ mod tests {
             }
             db.flush().await.unwrap();
         }
-        // sled allows one opener per directory; wait for the previous handle to close.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let (_db, tl, hub) = open(dir.path(), limits).await;
+        let (_db, tl, hub) = reopen(dir.path(), limits).await;
         let (page, _) = tl
             .history(
                 &r,
@@ -1756,19 +1774,7 @@ mod tests {
             }
             db.flush().await.unwrap();
         }
-        // sled allows one opener per directory: retry until the previous handle is gone.
-        let mut reopened = None;
-        for _ in 0..200 {
-            match Db::open(dir.path()) {
-                Ok(db) => {
-                    reopened = Some(db);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-            }
-        }
-        let db = reopened.expect("the store reopens within 2 s");
-        let tl = Timelines::open(&db, Arc::new(Hlc::new(1, 0)), Hub::new(), limits).unwrap();
+        let (_db, tl, _hub) = reopen(dir.path(), limits).await;
         for (ri, r) in rooms.iter().enumerate() {
             let (page, _) = tl
                 .history(
