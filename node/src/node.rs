@@ -279,7 +279,6 @@ pub async fn run(
         .context("cannot build gRPC reflection")?;
     let grpc = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(256)
-        .tcp_nodelay(true)
         .add_service(
             ChatServer::new(ChatService::new(ctx.clone())).max_decoding_message_size(1 << 20),
         )
@@ -291,7 +290,17 @@ pub async fn run(
         .add_service(reflection);
     let mut stop = stop_rx.clone();
     tasks.spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        // The builder's `tcp_nodelay` covers only listeners tonic binds itself: sockets
+        // accepted from ours get it here, or Nagle holds back small responses and
+        // streamed events until the previous segment is acknowledged.
+        let incoming =
+            match tonic::transport::server::TcpIncoming::from_listener(grpc_listener, true, None) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::error!(error = %e, "gRPC server failed to start");
+                    return;
+                }
+            };
         let res = grpc
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;
