@@ -287,6 +287,15 @@ pub(super) fn fatal_err(e: Fatal<u64>) -> ConsensusError {
     }
 }
 
+/// The group's leader, as soon as one is known (at once if it is), waiting at most `wait`.
+async fn leader_known(raft: &Raft, wait: Duration) -> Option<u64> {
+    raft.wait(Some(wait))
+        .metrics(|m| m.current_leader.is_some(), "some leader known")
+        .await
+        .ok()
+        .and_then(|m| m.current_leader)
+}
+
 impl Groups {
     /// Opens (or recovers from `db`) one Raft group per partition, each with the single
     /// member `node`, and initializes fresh ones. Waits until every group has a leader
@@ -481,15 +490,11 @@ impl Groups {
     /// many do. For a caller that opened with a zero `leader_wait` so that it could start
     /// serving the `Cluster` service first (peers need it to elect anyone).
     pub async fn wait_for_leaders(&self, timeout: Duration) -> usize {
-        let waits = self.inner.groups.values().map(|g| {
-            let raft = g.raft.clone();
-            async move {
-                raft.wait(Some(timeout))
-                    .metrics(|m| m.current_leader.is_some(), "some leader known")
-                    .await
-                    .is_ok()
-            }
-        });
+        let waits = self
+            .inner
+            .groups
+            .values()
+            .map(|g| async move { leader_known(&g.raft, timeout).await.is_some() });
         futures::future::join_all(waits)
             .await
             .into_iter()
@@ -595,16 +600,7 @@ impl Groups {
     /// The leader of partition `p`, waiting at most `wait` for one to be known: an
     /// election or a handover is usually over within an election timeout.
     pub async fn leader_within(&self, p: PartitionId, wait: Duration) -> Option<u64> {
-        let g = self.group(p)?;
-        if let Some(l) = g.raft.metrics().borrow().current_leader {
-            return Some(l);
-        }
-        g.raft
-            .wait(Some(wait))
-            .metrics(|m| m.current_leader.is_some(), "some leader known")
-            .await
-            .ok()
-            .and_then(|m| m.current_leader)
+        leader_known(&self.group(p)?.raft, wait).await
     }
 
     /// Whether this node may write partition `p`'s room timelines as their home now, and
