@@ -171,6 +171,18 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> String {
         "counter",
         r.exchange_entries_gained.load(Relaxed),
     );
+    line(
+        "parley_anti_entropy_sealed_same_heads_total",
+        "Anti-entropy exchanges this node started over a sealed chunk that ended at once: both sides held the same heads.",
+        "counter",
+        r.sealed_same_heads.load(Relaxed),
+    );
+    line(
+        "parley_sealed_chunk_loads_total",
+        "Sealed timeline chunks loaded whole from the store.",
+        "counter",
+        r.sealed_loads.load(Relaxed),
+    );
     histogram(
         &mut out,
         "parley_write_ack_seconds",

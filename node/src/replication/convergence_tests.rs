@@ -668,6 +668,65 @@ fn a_replica_that_missed_a_sealed_chunk_catches_up() {
     run_case_with(&ops, false, limits).unwrap();
 }
 
+/// An exchange over a chunk both sides sealed with the same changes ends at its first
+/// call and loads the chunk on neither side; one over a chunk the two sides sealed
+/// apart (different heads) still runs the sync protocol, and everything converges.
+#[test]
+fn sealed_chunks_with_the_same_heads_settle_without_a_load() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let rt = runtime();
+    let res = rt.block_on(async {
+        let limits = ChunkLimits {
+            max_entries: 3,
+            ..ChunkLimits::default()
+        };
+        let c = start_cluster(limits);
+        let mut m = Model::default();
+        let ns = nodes(&c);
+        // n1 fills and seals chunk 0; n2 and n3 follow it with the same changes.
+        for _ in 0..4 {
+            run_op(&c, &mut m, &Op::Send { at: 0, user: 0 }).await;
+        }
+        run_op(&c, &mut m, &Op::WaitFor { at: 1, messages: 4 }).await;
+        run_op(&c, &mut m, &Op::WaitFor { at: 2, messages: 4 }).await;
+        ns[0].sync_with(node_id(1), &room()).await.unwrap();
+        let same = |i: usize| ns[i].stats().sealed_same_heads.load(Relaxed);
+        let loads = |i: usize| ns[i].stats().sealed_loads.load(Relaxed);
+        assert_eq!(
+            same(0),
+            1,
+            "the exchange over sealed chunk 0 was not settled by heads"
+        );
+        assert_eq!((loads(0), loads(1)), (0, 0), "sealed chunk 0 was loaded");
+
+        // n3, cut off, writes chunk 1 full and seals it; n1 seals its own chunk 1.
+        c.set_link(0, 2, false);
+        c.set_link(1, 2, false);
+        for _ in 0..2 {
+            run_op(&c, &mut m, &Op::Send { at: 2, user: 2 }).await;
+        }
+        for _ in 0..2 {
+            run_op(&c, &mut m, &Op::Send { at: 0, user: 0 }).await;
+        }
+        run_op(&c, &mut m, &Op::Settle { ms: 200 }).await;
+        let before = same(0);
+        c.heal_all();
+        ns[0].sync_with(node_id(2), &room()).await.unwrap();
+        // Chunk 0 is the same on n1 and n3; chunk 1 is not.
+        assert_eq!(
+            same(0),
+            before + 1,
+            "chunks sealed apart were taken as the same"
+        );
+        assert!(loads(0) > 0, "chunks sealed apart were not synced");
+        let res = check_converged(&c, &m).await;
+        c.nodes.lock().unwrap().clear();
+        res
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    res.unwrap();
+}
+
 /// A replica that missed a push while its link was cut gets the change within seconds
 /// of the heal, from the anti-entropy loop's retries, although every node is caught up
 /// and the next full round is an hour away: the writer remembers the peer it owes.

@@ -496,7 +496,9 @@ impl Timelines {
         if chunk >= rd.chunk {
             let open = |rd: &mut RoomDoc| {
                 while rd.chunk < chunk {
-                    super::timeline::seal(&self.inner.tree, room, rd)?;
+                    let sealed = rd.chunk;
+                    let heads = super::timeline::seal(&self.inner.tree, room, rd)?;
+                    self.inner.note_sealed_heads(room, sealed, heads);
                 }
                 let (r, new) = apply_and_collect(room, &mut rd.doc, f);
                 self.queue_new(room, rd, new, true)?;
@@ -512,16 +514,21 @@ impl Timelines {
             let t = &self.inner.tree;
             let skey = key(b's', room, &[&chunk.to_be_bytes()]);
             let mut doc = match rd.read_through(t, &skey)? {
-                Some(bytes) => AutoCommit::load(&bytes)
-                    .map_err(|e| t.corrupt(format!("sealed chunk {chunk} of {room}: {e}")))?,
+                Some(bytes) => {
+                    super::ReplicationStats::inc(&self.inner.stats.sealed_loads);
+                    AutoCommit::load(&bytes)
+                        .map_err(|e| t.corrupt(format!("sealed chunk {chunk} of {room}: {e}")))?
+                }
                 None => AutoCommit::new(),
             };
             doc.set_actor(automerge::ActorId::random());
             let before = doc.get_heads();
             let (r, new) = apply_and_collect(room, &mut doc, f);
-            if !new.is_empty() || doc.get_heads() != before {
+            let after = doc.get_heads();
+            if !new.is_empty() || after != before {
                 rd.pending.push((skey, doc.save()));
             }
+            self.inner.note_sealed_heads(room, chunk, after);
             self.queue_new(room, rd, new, false)?;
             r
         })
@@ -615,6 +622,49 @@ impl Timelines {
             let mut g = slot.lock().await;
             let rd = self.load_locked(&room, &mut g)?;
             let k = (req.from_node, room.clone(), req.chunk);
+            if !req.sealed_heads.is_empty() && req.chunk < rd.chunk {
+                let mut theirs = req
+                    .sealed_heads
+                    .iter()
+                    .map(|h| ChangeHash::try_from(h.as_slice()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| TimelineError::Invalid {
+                        reason: format!("sealed chunk heads: {e}"),
+                    })?;
+                theirs.sort_unstable();
+                let ours = match self.inner.sealed_heads_of(&room, req.chunk) {
+                    Some(heads) => heads,
+                    None => {
+                        let mut heads = self
+                            .with_chunk(&room, rd, req.chunk, false, |doc| Ok(doc.get_heads()))?;
+                        heads.sort_unstable();
+                        heads
+                    }
+                };
+                if ours == theirs {
+                    self.inner
+                        .sync_states
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&k);
+                    let reply = SyncReply {
+                        message: Vec::new(),
+                        open_chunk: rd.chunk,
+                        same_heads: true,
+                    };
+                    // The heads may be those of a change to the chunk not written yet.
+                    let rx = if rd.pending.is_empty() {
+                        None
+                    } else {
+                        Some(self.wait_for_pending(&room, rd, 1)?)
+                    };
+                    drop(g);
+                    if let Some(rx) = rx {
+                        Self::wait_durable(rx).await?;
+                    }
+                    return Ok(reply);
+                }
+            }
             let (mut state, mut start) = {
                 let mut states = self
                     .inner
@@ -655,6 +705,7 @@ impl Timelines {
             let reply = SyncReply {
                 message,
                 open_chunk: rd.chunk,
+                same_heads: false,
             };
             let rx = if rd.pending.is_empty() {
                 None
@@ -794,31 +845,49 @@ impl Timelines {
         let mut start: Option<Vec<ChangeHash>> = None;
         let mut started = false;
         for round in 0..SYNC_ROUNDS {
-            let msg = {
+            let (msg, sealed_heads) = {
                 let mut g = slot.lock().await;
                 let rd = self.load_locked(room, &mut g)?;
-                let before = rd.pending.len();
-                let m = self.with_chunk(room, rd, chunk, false, |doc| {
-                    Ok(doc
-                        .sync()
-                        .generate_sync_message(&mut state)
-                        .map(|m| m.encode()))
-                })?;
-                debug_assert_eq!(before, rd.pending.len());
-                m
+                // A chunk sealed here whose heads are known: first ask whether the
+                // peer's is the same, which needs no load of the chunk on either side.
+                let known = if round == 0 && chunk < rd.chunk {
+                    self.inner.sealed_heads_of(room, chunk)
+                } else {
+                    None
+                };
+                match known {
+                    Some(heads) => (None, heads),
+                    None => {
+                        let before = rd.pending.len();
+                        let m = self.with_chunk(room, rd, chunk, false, |doc| {
+                            Ok(doc
+                                .sync()
+                                .generate_sync_message(&mut state)
+                                .map(|m| m.encode()))
+                        })?;
+                        debug_assert_eq!(before, rd.pending.len());
+                        (m, Vec::new())
+                    }
+                }
             };
             let sent = msg.is_some();
+            let asked_heads = !sealed_heads.is_empty();
             let req = SyncRequest {
                 room_id: room.to_string(),
                 chunk,
                 message: msg.unwrap_or_default(),
                 from_node: me,
                 first: round == 0,
+                sealed_heads: sealed_heads.iter().map(|h| h.as_ref().to_vec()).collect(),
             };
             let reply = net.sync(peer, req).await.map_err(|e| {
                 TimelineError::Storage(StoreError::Io(format!("sync with node {peer}: {e}")))
             })?;
             peer_open = reply.open_chunk;
+            if asked_heads && reply.same_heads {
+                super::ReplicationStats::inc(&self.inner.stats.sealed_same_heads);
+                break;
+            }
             if reply.message.is_empty() {
                 if !sent {
                     break;

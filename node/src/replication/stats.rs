@@ -22,6 +22,12 @@ pub struct ReplicationStats {
     pub exchanges_failed: AtomicU64,
     /// Timeline entries this node gained through the exchanges it started.
     pub exchange_entries_gained: AtomicU64,
+    /// Exchanges this node started over a chunk sealed on both sides that ended at
+    /// the first call because both held the same heads (no load of the chunk).
+    pub sealed_same_heads: AtomicU64,
+    /// Sealed chunks loaded whole from the store (anti-entropy over a sealed chunk
+    /// whose heads were not known or differed, or a peer's change to one).
+    pub sealed_loads: AtomicU64,
     /// How long a message written here took from reaching its room until `W` replicas
     /// held it durably (acknowledged writes only).
     pub write_ack: Histogram,

@@ -35,7 +35,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use automerge::transaction::Transactable;
-use automerge::{AutoCommit, ReadDoc, ScalarValue, ROOT};
+use automerge::{AutoCommit, ChangeHash, ReadDoc, ScalarValue, ROOT};
 use parley_proto::v1::{
     event, timeline_entry, DeleteEntry, EditEntry, Event, Message, MessageDeleted, MessageEdited,
     Reaction, ReactionChanged, ReactionEntry, TimelineEntry,
@@ -239,7 +239,7 @@ pub(super) struct Commit {
 /// A peer's exchange over one chunk as this node answers it: the sync state, and the
 /// heads the peer started from until this node has worked out what the peer lacked
 /// (`None` after; see `remote::peer_lacked`).
-pub(super) type PeerSync = (automerge::sync::State, Option<Vec<automerge::ChangeHash>>);
+pub(super) type PeerSync = (automerge::sync::State, Option<Vec<ChangeHash>>);
 
 pub(super) type RoomSlot = Arc<tokio::sync::Mutex<Option<RoomDoc>>>;
 
@@ -259,6 +259,10 @@ pub(super) struct Inner {
     pub(super) sync_states: Mutex<HashMap<(u64, RoomId, u32), PeerSync>>,
     /// Sealed chunks (peer, room, chunk) already synced with a peer since start.
     pub(super) synced_sealed: Mutex<std::collections::HashSet<(u64, RoomId, u32)>>,
+    /// Heads of sealed chunks, as saved: recorded when a chunk seals and whenever a
+    /// sealed chunk is loaded or changed, so that an anti-entropy exchange over a
+    /// sealed chunk both sides hold whole needs no load of it (see `Timelines::sync_chunk`).
+    pub(super) sealed_heads: Mutex<HashMap<(RoomId, u32), Vec<ChangeHash>>>,
     /// Per room: when the newest anti-entropy exchange this node completed with another
     /// replica started, and the catch-up epoch it belongs to (see `Timelines::caught_up`).
     pub(super) synced_at: Mutex<HashMap<RoomId, (std::time::Instant, u64)>>,
@@ -269,6 +273,36 @@ pub(super) struct Inner {
     /// instead of waiting for a full round (see `Timelines::anti_entropy`).
     pub(super) owed: Arc<super::remote::Owed>,
     pub(super) stats: Arc<super::ReplicationStats>,
+}
+
+impl Inner {
+    /// Records the heads of `room`'s sealed `chunk` as it is saved (sorted, so that two
+    /// nodes' lists compare equal when they hold the same changes).
+    pub(super) fn note_sealed_heads(&self, room: &RoomId, chunk: u32, mut heads: Vec<ChangeHash>) {
+        heads.sort_unstable();
+        self.sealed_heads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((room.clone(), chunk), heads);
+    }
+
+    /// The recorded heads of `room`'s sealed `chunk`, sorted.
+    pub(super) fn sealed_heads_of(&self, room: &RoomId, chunk: u32) -> Option<Vec<ChangeHash>> {
+        self.sealed_heads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(room.clone(), chunk))
+            .cloned()
+    }
+
+    /// Forgets the recorded heads of `room`'s sealed chunks: the room is gone, or a
+    /// failed write left memory ahead of the store.
+    pub(super) fn forget_sealed_heads(&self, room: &RoomId) {
+        self.sealed_heads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(r, _), _| r != room);
+    }
 }
 
 /// The timelines of every room this node replicates. Cheap to clone.
@@ -358,6 +392,7 @@ impl Timelines {
             pushers: Mutex::new(HashMap::new()),
             sync_states: Mutex::new(HashMap::new()),
             synced_sealed: Mutex::new(std::collections::HashSet::new()),
+            sealed_heads: Mutex::new(HashMap::new()),
             synced_at: Mutex::new(HashMap::new()),
             sync_epochs: std::sync::atomic::AtomicU64::new(0),
             owed: Arc::default(),
@@ -907,6 +942,7 @@ impl Timelines {
             self.inner.tree.remove_range(lo..hi)?;
         }
         self.inner.hub.remove(room);
+        self.inner.forget_sealed_heads(room);
         drop(g);
         let mut rooms = self.inner.rooms.lock().unwrap_or_else(|p| p.into_inner());
         rooms.remove(room);
@@ -1191,6 +1227,7 @@ fn persist_all(
     }
     if let Err(e) = t.apply(batch) {
         for (room, g, _) in staged {
+            inner.forget_sealed_heads(&room);
             fail_room(&room, g, e.clone());
         }
         return Vec::new();
@@ -1202,6 +1239,7 @@ fn persist_all(
             match finish(inner, &room, rd, s) {
                 Ok(p) => Some((room, p)),
                 Err(e) => {
+                    inner.forget_sealed_heads(&room);
                     fail_room(&room, g, e);
                     None
                 }
@@ -1267,7 +1305,9 @@ fn finish(
     let fence = rd.pending_fence.take();
     let local = std::mem::take(&mut rd.local_pending) > 0;
     if local && (rd.entries >= inner.limits.max_entries || rd.bytes >= inner.limits.max_bytes) {
-        seal(t, room, rd)?;
+        let sealed = rd.chunk;
+        let heads = seal(t, room, rd)?;
+        inner.note_sealed_heads(room, sealed, heads);
     } else if rd.since_compact >= inner.limits.compact_every {
         compact(t, room, rd)?;
     }
@@ -1298,8 +1338,14 @@ pub(super) fn compact(t: &Tree, room: &RoomId, rd: &mut RoomDoc) -> Result<(), S
 }
 
 /// Seals the open chunk (saved whole, left alone from now on) and opens the next one.
-pub(super) fn seal(t: &Tree, room: &RoomId, rd: &mut RoomDoc) -> Result<(), StoreError> {
+/// Returns the sealed chunk's heads.
+pub(super) fn seal(
+    t: &Tree,
+    room: &RoomId,
+    rd: &mut RoomDoc,
+) -> Result<Vec<ChangeHash>, StoreError> {
     compact(t, room, rd)?;
+    let heads = rd.doc.get_heads();
     let next = rd.chunk + 1;
     t.insert(key(b'h', room, &[]), next.to_be_bytes())?;
     let mut doc = AutoCommit::new();
@@ -1311,7 +1357,7 @@ pub(super) fn seal(t: &Tree, room: &RoomId, rd: &mut RoomDoc) -> Result<(), Stor
     fresh.pending_waiters = std::mem::take(&mut rd.pending_waiters);
     *rd = fresh;
     tracing::debug!(room = %room, chunk = next, "sealed timeline chunk");
-    Ok(())
+    Ok(heads)
 }
 
 #[cfg(test)]
@@ -1555,6 +1601,7 @@ mod tests {
             .encode(),
             from_node: 2,
             first: true,
+            sealed_heads: Vec::new(),
         };
         let truncated = changes[1][..changes[1].len() - 3].to_vec();
         let err = tl
