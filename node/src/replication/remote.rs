@@ -618,102 +618,117 @@ impl Timelines {
             reason: e.to_string(),
         })?;
         let slot = self.slot(&room);
-        let (reply, rx) = {
-            let mut g = slot.lock().await;
-            let rd = self.load_locked(&room, &mut g)?;
-            let k = (req.from_node, room.clone(), req.chunk);
-            if !req.sealed_heads.is_empty() && req.chunk < rd.chunk {
-                let mut theirs = req
-                    .sealed_heads
-                    .iter()
-                    .map(|h| ChangeHash::try_from(h.as_slice()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| TimelineError::Invalid {
-                        reason: format!("sealed chunk heads: {e}"),
-                    })?;
-                theirs.sort_unstable();
-                let ours = match self.inner.sealed_heads_of(&room, req.chunk) {
-                    Some(heads) => heads,
-                    None => {
-                        let mut heads = self
-                            .with_chunk(&room, rd, req.chunk, false, |doc| Ok(doc.get_heads()))?;
-                        heads.sort_unstable();
-                        heads
-                    }
-                };
-                if ours == theirs {
-                    self.inner
-                        .sync_states
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&k);
-                    let reply = SyncReply {
-                        message: Vec::new(),
-                        open_chunk: rd.chunk,
-                        same_heads: true,
-                    };
-                    // The heads may be those of a change to the chunk not written yet.
-                    let rx = if rd.pending.is_empty() {
-                        None
-                    } else {
-                        Some(self.wait_for_pending(&room, rd, 1)?)
-                    };
-                    drop(g);
-                    if let Some(rx) = rx {
-                        Self::wait_durable(rx).await?;
-                    }
-                    return Ok(reply);
-                }
-            }
-            let (mut state, mut start) = {
-                let mut states = self
-                    .inner
-                    .sync_states
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                if req.first {
-                    states.remove(&k);
-                }
-                states.remove(&k).unwrap_or_default()
-            };
-            let (message, lacked) = self.with_chunk(&room, rd, req.chunk, false, |doc| {
-                if !req.message.is_empty() {
-                    let msg = decode_sync(&req.message, "sync message")?;
-                    doc.sync()
-                        .receive_sync_message(&mut state, msg)
-                        .map_err(|e| TimelineError::Invalid {
-                            reason: format!("sync message refused: {e}"),
-                        })?;
-                    if req.first {
-                        start = state.their_heads.clone();
-                    }
-                }
-                let lacked = peer_lacked(&room, doc, &mut start);
-                let message = doc
-                    .sync()
-                    .generate_sync_message(&mut state)
-                    .map(|m| m.encode())
-                    .unwrap_or_default();
-                Ok((message, lacked))
-            })?;
-            self.journal_late(&room, rd, lacked);
+        let mut g = slot.lock_owned().await;
+        let rd = self.load_locked(&room, &mut g)?;
+        let k = (req.from_node, room.clone(), req.chunk);
+        if self.same_sealed_heads(&room, rd, req)? {
             self.inner
                 .sync_states
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(k, (state, start));
+                .remove(&k);
             let reply = SyncReply {
-                message,
+                message: Vec::new(),
                 open_chunk: rd.chunk,
-                same_heads: false,
+                same_heads: true,
             };
-            let rx = if rd.pending.is_empty() {
+            // The heads may include a change to the chunk not written yet.
+            return self.reply_when_durable(&room, g, reply).await;
+        }
+        let (mut state, mut start) = {
+            let mut states = self
+                .inner
+                .sync_states
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if req.first {
+                states.remove(&k);
+            }
+            states.remove(&k).unwrap_or_default()
+        };
+        let (message, lacked) = self.with_chunk(&room, rd, req.chunk, false, |doc| {
+            if !req.message.is_empty() {
+                let msg = decode_sync(&req.message, "sync message")?;
+                doc.sync()
+                    .receive_sync_message(&mut state, msg)
+                    .map_err(|e| TimelineError::Invalid {
+                        reason: format!("sync message refused: {e}"),
+                    })?;
+                if req.first {
+                    start = state.their_heads.clone();
+                }
+            }
+            let lacked = peer_lacked(&room, doc, &mut start);
+            let message = doc
+                .sync()
+                .generate_sync_message(&mut state)
+                .map(|m| m.encode())
+                .unwrap_or_default();
+            Ok((message, lacked))
+        })?;
+        self.journal_late(&room, rd, lacked);
+        self.inner
+            .sync_states
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(k, (state, start));
+        let reply = SyncReply {
+            message,
+            open_chunk: rd.chunk,
+            same_heads: false,
+        };
+        self.reply_when_durable(&room, g, reply).await
+    }
+
+    /// Whether `req` asks with the heads of a chunk sealed here and they are this
+    /// node's heads of it (recorded, or read from the chunk once and recorded).
+    fn same_sealed_heads(
+        &self,
+        room: &RoomId,
+        rd: &mut RoomDoc,
+        req: &SyncRequest,
+    ) -> Result<bool, TimelineError> {
+        if req.sealed_heads.is_empty() || req.chunk >= rd.chunk {
+            return Ok(false);
+        }
+        let mut theirs = req
+            .sealed_heads
+            .iter()
+            .map(|h| ChangeHash::try_from(h.as_slice()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TimelineError::Invalid {
+                reason: format!("sealed chunk heads: {e}"),
+            })?;
+        theirs.sort_unstable();
+        let ours = match self.inner.sealed_heads_of(room, req.chunk) {
+            Some(heads) => heads,
+            None => {
+                let mut heads =
+                    self.with_chunk(room, rd, req.chunk, false, |doc| Ok(doc.get_heads()))?;
+                heads.sort_unstable();
+                heads
+            }
+        };
+        Ok(ours == theirs)
+    }
+
+    /// Returns `reply` once everything the room has pending is durable, waiting with
+    /// the room's lock `g` released.
+    async fn reply_when_durable(
+        &self,
+        room: &RoomId,
+        mut g: tokio::sync::OwnedMutexGuard<Option<RoomDoc>>,
+        reply: SyncReply,
+    ) -> Result<SyncReply, TimelineError> {
+        let rx = {
+            let rd = self.load_locked(room, &mut g)?;
+            if rd.pending.is_empty() {
                 None
             } else {
-                Some(self.wait_for_pending(&room, rd, 1)?)
-            };
-            (reply, rx)
+                Some(self.wait_for_pending(room, rd, 1)?)
+            }
         };
+        drop(g);
         if let Some(rx) = rx {
             Self::wait_durable(rx).await?;
         }
