@@ -496,9 +496,7 @@ impl Timelines {
         if chunk >= rd.chunk {
             let open = |rd: &mut RoomDoc| {
                 while rd.chunk < chunk {
-                    let sealed = rd.chunk;
-                    let heads = super::timeline::seal(&self.inner.tree, room, rd)?;
-                    self.inner.note_sealed_heads(room, sealed, heads);
+                    super::timeline::seal(&self.inner, room, rd)?;
                 }
                 let (r, new) = apply_and_collect(room, &mut rd.doc, f);
                 self.queue_new(room, rd, new, true)?;

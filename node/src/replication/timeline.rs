@@ -1227,8 +1227,7 @@ fn persist_all(
     }
     if let Err(e) = t.apply(batch) {
         for (room, g, _) in staged {
-            inner.forget_sealed_heads(&room);
-            fail_room(&room, g, e.clone());
+            fail_room(inner, &room, g, e.clone());
         }
         return Vec::new();
     }
@@ -1239,8 +1238,7 @@ fn persist_all(
             match finish(inner, &room, rd, s) {
                 Ok(p) => Some((room, p)),
                 Err(e) => {
-                    inner.forget_sealed_heads(&room);
-                    fail_room(&room, g, e);
+                    fail_room(inner, &room, g, e);
                     None
                 }
             }
@@ -1248,9 +1246,14 @@ fn persist_all(
         .collect()
 }
 
-/// Answers a room's waiters with a storage error and drops the room from memory: its
-/// document may hold changes the store does not.
-fn fail_room(room: &RoomId, mut g: tokio::sync::OwnedMutexGuard<Option<RoomDoc>>, e: StoreError) {
+/// Answers a room's waiters with a storage error and drops the room, and the heads
+/// recorded for its sealed chunks, from memory: both may be ahead of the store.
+fn fail_room(
+    inner: &Inner,
+    room: &RoomId,
+    mut g: tokio::sync::OwnedMutexGuard<Option<RoomDoc>>,
+    e: StoreError,
+) {
     tracing::error!(room = %room, error = %e, "timeline write failed; reloading the room");
     if let Some(rd) = g.as_mut() {
         for w in std::mem::take(&mut rd.pending_waiters) {
@@ -1258,6 +1261,7 @@ fn fail_room(room: &RoomId, mut g: tokio::sync::OwnedMutexGuard<Option<RoomDoc>>
         }
     }
     *g = None;
+    inner.forget_sealed_heads(room);
 }
 
 /// Puts a room's new automerge change and its pending index entries into `batch`.
@@ -1305,9 +1309,7 @@ fn finish(
     let fence = rd.pending_fence.take();
     let local = std::mem::take(&mut rd.local_pending) > 0;
     if local && (rd.entries >= inner.limits.max_entries || rd.bytes >= inner.limits.max_bytes) {
-        let sealed = rd.chunk;
-        let heads = seal(t, room, rd)?;
-        inner.note_sealed_heads(room, sealed, heads);
+        seal(inner, room, rd)?;
     } else if rd.since_compact >= inner.limits.compact_every {
         compact(t, room, rd)?;
     }
@@ -1337,15 +1339,12 @@ pub(super) fn compact(t: &Tree, room: &RoomId, rd: &mut RoomDoc) -> Result<(), S
     Ok(())
 }
 
-/// Seals the open chunk (saved whole, left alone from now on) and opens the next one.
-/// Returns the sealed chunk's heads.
-pub(super) fn seal(
-    t: &Tree,
-    room: &RoomId,
-    rd: &mut RoomDoc,
-) -> Result<Vec<ChangeHash>, StoreError> {
+/// Seals the open chunk (saved whole, left alone from now on), records its heads and
+/// opens the next one.
+pub(super) fn seal(inner: &Inner, room: &RoomId, rd: &mut RoomDoc) -> Result<(), StoreError> {
+    let t = &inner.tree;
     compact(t, room, rd)?;
-    let heads = rd.doc.get_heads();
+    inner.note_sealed_heads(room, rd.chunk, rd.doc.get_heads());
     let next = rd.chunk + 1;
     t.insert(key(b'h', room, &[]), next.to_be_bytes())?;
     let mut doc = AutoCommit::new();
@@ -1357,7 +1356,7 @@ pub(super) fn seal(
     fresh.pending_waiters = std::mem::take(&mut rd.pending_waiters);
     *rd = fresh;
     tracing::debug!(room = %room, chunk = next, "sealed timeline chunk");
-    Ok(heads)
+    Ok(())
 }
 
 #[cfg(test)]
