@@ -53,7 +53,7 @@ impl Writer {
         self.doc
             .put(
                 automerge::ROOT,
-                id.to_string(),
+                id.chunk_key(),
                 automerge::ScalarValue::Bytes(entry.encode_to_vec()),
             )
             .unwrap();

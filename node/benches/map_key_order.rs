@@ -1,7 +1,8 @@
 //! What automerge pays to apply one pushed change that puts one 230-byte value into a
 //! map already holding `n` keys, when the new key sorts after every key there (a
-//! timeline chunk today: keys are `MessageId`s, and a new message has the greatest)
-//! and when it sorts before every key. Run:
+//! timeline chunk keyed by plain `MessageId`s, as builds before newest-first keys
+//! wrote: a new message has the greatest) and when it sorts before every key (a chunk
+//! keyed by `MessageId::chunk_key`, as written now). Run:
 //! `cargo bench -p parley-node --bench map_key_order`.
 //!
 //! automerge applies a change by walking the target map's ops in key order up to the
@@ -15,7 +16,8 @@ use automerge::{AutoCommit, ScalarValue, ROOT};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 
 /// The key of the `i`th entry: 32 hex digits like a `MessageId`, growing with `i`
-/// (`last`) or shrinking (the complement, behind a `-` that sorts before any digit).
+/// (`last`) or shrinking (the complement, behind a `-` that sorts before any digit,
+/// as `MessageId::chunk_key` writes it).
 fn key(i: u64, last: bool) -> String {
     if last {
         format!("{:032x}", u128::from(i))

@@ -261,7 +261,28 @@ impl MessageId {
             .map_err(|_| id_err("message id", format!("expected 16 bytes, got {}", b.len())))?;
         Ok(Self(u128::from_be_bytes(arr)))
     }
+
+    /// This id as the key of its entry in a timeline chunk: `-` and the 32 hex digits of
+    /// the id's bitwise complement, so that keys sort newest first. automerge merges a
+    /// pushed change by walking the chunk's map in key order up to the new key; with the
+    /// newest key first that walk ends at once instead of crossing the whole chunk.
+    pub fn chunk_key(self) -> String {
+        format!("{CHUNK_KEY_NEWEST_FIRST}{:032x}", !self.0)
+    }
+
+    /// The id whose entry a chunk has under `key`: either form [`Self::chunk_key`]
+    /// writes, or the plain id (32 hex digits) that builds before it wrote.
+    pub fn from_chunk_key(key: &str) -> Result<Self, IdError> {
+        match key.strip_prefix(CHUNK_KEY_NEWEST_FIRST) {
+            Some(complement) => complement.parse::<MessageId>().map(|c| Self(!c.0)),
+            None => key.parse(),
+        }
+    }
 }
+
+/// Marks a chunk key written newest first (see [`MessageId::chunk_key`]); it sorts
+/// before every hex digit, so such keys come before the older plain ones too.
+const CHUNK_KEY_NEWEST_FIRST: char = '-';
 
 impl fmt::Display for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -325,12 +346,17 @@ mod tests {
         fn message_id_text_roundtrip_and_order(a in any::<u128>(), b in any::<u128>()) {
             let (x, y) = (MessageId(a), MessageId(b));
             prop_assert_eq!(x.to_string().parse::<MessageId>().unwrap(), x);
+            prop_assert_eq!(MessageId::from_chunk_key(&x.chunk_key()).unwrap(), x);
+            prop_assert_eq!(MessageId::from_chunk_key(&x.to_string()).unwrap(), x);
+            prop_assert_eq!(x.cmp(&y), y.chunk_key().cmp(&x.chunk_key()));
+            prop_assert!(x.chunk_key() < y.to_string());
             prop_assert_eq!(x.cmp(&y), x.to_string().cmp(&y.to_string()));
         }
 
         #[test]
         fn parsers_reject_garbage_without_panicking(s in ".*", bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
             let _ = s.parse::<MessageId>();
+            let _ = MessageId::from_chunk_key(&s);
             let _ = RoomId::parse(&s);
             let _ = UserId::parse(&s);
             let _ = validate_room_name(&s);

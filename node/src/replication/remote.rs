@@ -412,7 +412,7 @@ fn collect_new(
         let ScalarValue::Bytes(bytes) = v.as_ref() else {
             continue;
         };
-        let Ok(id) = k.parse::<MessageId>() else {
+        let Ok(id) = MessageId::from_chunk_key(&k) else {
             tracing::warn!(room = %room, key = %k, "skipping a timeline key that is not a message id");
             continue;
         };

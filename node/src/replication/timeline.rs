@@ -501,7 +501,7 @@ impl Timelines {
     ) -> Result<oneshot::Receiver<Result<(), TimelineError>>, TimelineError> {
         let bytes = entry.encode_to_vec();
         rd.doc
-            .put(ROOT, id.to_string(), ScalarValue::Bytes(bytes.clone()))
+            .put(ROOT, id.chunk_key(), ScalarValue::Bytes(bytes.clone()))
             .map_err(|e| TimelineError::Storage(StoreError::Io(format!("automerge put: {e}"))))?;
         rd.pending.push((key(b'e', room, &[&id.to_bytes()]), bytes));
         rd.pending.extend(writes);
@@ -1513,6 +1513,17 @@ mod tests {
 
     /// The change a writer's open chunk makes when it adds message `seq`.
     fn writer_change(doc: &mut AutoCommit, r: &RoomId, seq: u32) -> Vec<u8> {
+        keyed_change(doc, r, seq, MessageId::chunk_key)
+    }
+
+    /// The change a writer makes when it adds message `seq` under the chunk key `key`
+    /// gives its id.
+    fn keyed_change(
+        doc: &mut AutoCommit,
+        r: &RoomId,
+        seq: u32,
+        key: fn(MessageId) -> String,
+    ) -> Vec<u8> {
         let id = MessageId::new(1_700_000_000_000, 0, 2, seq);
         let entry = TimelineEntry {
             kind: Some(timeline_entry::Kind::Message(Message {
@@ -1523,13 +1534,41 @@ mod tests {
                 ..Default::default()
             })),
         };
-        doc.put(
-            ROOT,
-            id.to_string(),
-            ScalarValue::Bytes(entry.encode_to_vec()),
-        )
-        .unwrap();
+        doc.put(ROOT, key(id), ScalarValue::Bytes(entry.encode_to_vec()))
+            .unwrap();
         doc.save_incremental()
+    }
+
+    #[tokio::test]
+    async fn entries_keyed_by_older_builds_apply_beside_newest_first_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, tl, _hub) = open(dir.path(), ChunkLimits::default()).await;
+        let r = room(12);
+        let mut writer = AutoCommit::new();
+        // Messages 1 and 3 keyed by their plain id (builds before newest-first keys),
+        // 2 and 4 newest first: all four are indexed, and history is in id order.
+        let plain = |m: MessageId| m.to_string();
+        let changes = [
+            keyed_change(&mut writer, &r, 1, plain),
+            keyed_change(&mut writer, &r, 2, MessageId::chunk_key),
+            keyed_change(&mut writer, &r, 3, plain),
+            keyed_change(&mut writer, &r, 4, MessageId::chunk_key),
+        ];
+        assert!(tl.apply_remote(&r, 0, &changes[..2]).await.unwrap());
+        assert!(tl.apply_remote(&r, 0, &changes[2..]).await.unwrap());
+        assert_eq!(texts(&tl, &r), ["m1", "m2", "m3", "m4"]);
+        // This node's own writes use newest-first keys.
+        tl.send(msg(&r, "m5", "c5")).await.unwrap();
+        let slot = tl.slot(&r);
+        let g = slot.lock().await;
+        let keys: Vec<String> = g.as_ref().unwrap().doc.keys(ROOT).collect();
+        assert_eq!(keys.len(), 5);
+        assert!(keys[0].starts_with('-'), "{keys:?}");
+        let newest = MessageId::from_chunk_key(&keys[0]).unwrap();
+        assert!(
+            newest > MessageId::new(1_700_000_000_000, 0, 2, 4),
+            "{keys:?}"
+        );
     }
 
     #[tokio::test]
