@@ -4,7 +4,7 @@
 //! included). Run: `cargo bench -p parley-node --bench apply_push`.
 //!
 //! The cost should not grow with `n`; when it does, every push to a busy room gets
-//! slower as its chunk fills (see BENCHMARKS.md §5).
+//! slower as its chunk fills (BENCHMARKS.md §3, "Applying one push as the open chunk grows").
 
 #![allow(clippy::unwrap_used)]
 

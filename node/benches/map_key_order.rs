@@ -7,7 +7,7 @@
 //!
 //! automerge applies a change by walking the target map's ops in key order up to the
 //! new key, so the first case grows with `n` and the second should not (BENCHMARKS.md
-//! §5 has the figures and what they mean for the chunk's key encoding).
+//! §3 has the figures and what they mean for the chunk's key encoding).
 
 #![allow(clippy::unwrap_used)]
 
