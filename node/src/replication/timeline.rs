@@ -335,39 +335,103 @@ pub(super) fn client_key(room: &RoomId, sender: &str, client_msg_id: &str) -> Ve
 }
 
 /// Loads incremental saves (each a run of change chunks) into `doc`, in order: all of
-/// them, or nothing and an error (see [`check_changes`]). One load for all of them:
-/// automerge applies a load as one batch, and a batch walks the chunk's map once,
-/// however many changes it holds (saves in a row are themselves a valid save).
-pub(super) fn load_changes(
-    doc: &mut AutoCommit,
-    saves: &[Vec<u8>],
-) -> Result<(), automerge::AutomergeError> {
-    let joined;
-    let data: &[u8] = match saves {
-        [] => return Ok(()),
-        [one] => one,
-        _ => {
-            joined = saves.concat();
-            &joined
+/// them, or nothing and an error. Every chunk is parsed and its checksum checked before
+/// anything is applied: automerge's `load_incremental` applies the chunks before a
+/// damaged one and still returns Ok, so a truncated or garbled push would be answered
+/// as durable with some of its entries missing. One apply for all of them: automerge
+/// applies changes as one batch, and a batch walks the chunk's map once.
+pub(super) fn load_changes(doc: &mut AutoCommit, saves: &[Vec<u8>]) -> Result<(), String> {
+    let mut changes = Vec::new();
+    for save in saves {
+        match parse_change_run(save)? {
+            Some(parsed) => changes.extend(parsed),
+            // A whole document or a bundle among them: the general path.
+            None => {
+                let data = saves.concat();
+                check_changes(&data).map_err(|e| e.to_string())?;
+                return doc
+                    .load_incremental(&data)
+                    .map(drop)
+                    .map_err(|e| e.to_string());
+            }
         }
-    };
-    check_changes(data)?;
-    doc.load_incremental(data)?;
-    Ok(())
+    }
+    if changes.is_empty() {
+        return Ok(());
+    }
+    doc.apply_changes(changes).map_err(|e| e.to_string())
 }
 
-/// Whether `data`, a run of automerge chunks, parses whole, checksums included.
-/// automerge's `load_incremental` (which receiving a sync message also uses) applies
-/// the chunks before a damaged one and still returns Ok, so a truncated or garbled
-/// push would be answered as durable with some of its entries missing. The run is
-/// parsed into a scratch document; changes waiting there for dependencies it lacks
-/// are expected and fine.
+/// Whether `data`, a run of automerge chunks of any kind, parses whole, checksums
+/// included, into a scratch document; changes waiting there for dependencies it lacks
+/// are expected and fine. For runs that may hold more than changes: sync messages,
+/// whose receipt applies them with `load_incremental` too.
 pub(super) fn check_changes(data: &[u8]) -> Result<(), automerge::AutomergeError> {
     let strict = automerge::LoadOptions::new().on_partial_load(automerge::OnPartialLoad::Error);
     match automerge::Automerge::load_with_options(data, strict) {
         Ok(_) | Err(automerge::AutomergeError::MissingDeps) => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// The first bytes of every automerge chunk.
+const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+
+/// Parses `data`, a run of automerge chunks, into its changes, each whole and with the
+/// checksum its header carries; an error names the first chunk that is not. `None` when
+/// the run holds a chunk other than a change (a document or a bundle), which the caller
+/// hands to automerge's general loader instead. Cheaper than [`check_changes`] followed
+/// by `load_incremental`: it parses each change once and builds no scratch document.
+fn parse_change_run(data: &[u8]) -> Result<Option<Vec<automerge::Change>>, String> {
+    let mut changes = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let n = changes.len();
+        // Magic (4 bytes), checksum (4), chunk type (1), data length (LEB128), data.
+        let (Some(magic), Some(checksum), Some(&kind)) =
+            (rest.get(..4), rest.get(4..8), rest.get(8))
+        else {
+            return Err(format!("chunk {n}: truncated header"));
+        };
+        if magic != CHUNK_MAGIC {
+            return Err(format!("chunk {n}: not an automerge chunk"));
+        }
+        let (len, leb) = uleb128(&rest[9..]).ok_or_else(|| format!("chunk {n}: bad length"))?;
+        let total = usize::try_from(len)
+            .ok()
+            .and_then(|len| len.checked_add(9 + leb))
+            .filter(|t| *t <= rest.len())
+            .ok_or_else(|| format!("chunk {n}: truncated ({len} bytes of data announced)"))?;
+        // 1: a change; 2: a compressed change. Anything else goes the general way.
+        if kind != 1 && kind != 2 {
+            return Ok(None);
+        }
+        let (chunk, tail) = rest.split_at(total);
+        let change = automerge::Change::try_from(chunk).map_err(|e| format!("chunk {n}: {e}"))?;
+        // The header's checksum is the first 4 bytes of the (uncompressed) change's hash.
+        if change.hash().0.get(..4) != Some(checksum) {
+            return Err(format!("chunk {n}: checksum mismatch"));
+        }
+        changes.push(change);
+        rest = tail;
+    }
+    Ok(Some(changes))
+}
+
+/// An unsigned LEB128 number at the start of `b`, and how many bytes it took.
+fn uleb128(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v: u64 = 0;
+    for (i, byte) in b.iter().take(10).enumerate() {
+        let bits = u64::from(byte & 0x7f);
+        if i == 9 && bits > 1 {
+            return None;
+        }
+        v |= bits << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
 }
 
 fn id_from_key(k: &[u8]) -> Option<MessageId> {
@@ -1537,6 +1601,53 @@ mod tests {
         doc.put(ROOT, key(id), ScalarValue::Bytes(entry.encode_to_vec()))
             .unwrap();
         doc.save_incremental()
+    }
+
+    #[test]
+    fn change_runs_parse_whole_or_not_at_all() {
+        let r = room(13);
+        let mut writer = AutoCommit::new();
+        let first = writer_change(&mut writer, &r, 1);
+        let second = writer_change(&mut writer, &r, 2);
+        let run = [first.clone(), second].concat();
+        let parsed = parse_change_run(&run).unwrap().unwrap();
+        let hashes: Vec<ChangeHash> = parsed.iter().map(|c| c.hash()).collect();
+        assert_eq!(hashes.len(), 2);
+        assert_eq!(hashes[1..], writer.get_heads()[..]);
+        assert_eq!(parse_change_run(&[]).unwrap().map(|c| c.len()), Some(0));
+
+        // Cut anywhere but between the chunks: an error, and nothing applied.
+        for cut in 1..run.len() {
+            let mut doc = AutoCommit::new();
+            let r = load_changes(&mut doc, &[run[..cut].to_vec()]);
+            if cut == first.len() {
+                r.unwrap();
+                assert_eq!(doc.length(ROOT), 1);
+            } else {
+                assert!(r.is_err(), "cut at {cut} of {} loaded", run.len());
+                assert_eq!(doc.length(ROOT), 0, "cut at {cut}");
+            }
+        }
+        // Any one byte changed: an error, and nothing applied, the good chunk before it
+        // included.
+        for i in 0..run.len() {
+            let mut damaged = run.clone();
+            damaged[i] ^= 0x21;
+            let mut doc = AutoCommit::new();
+            assert!(
+                load_changes(&mut doc, &[damaged]).is_err(),
+                "byte {i} of {} changed and loaded",
+                run.len()
+            );
+            assert_eq!(doc.length(ROOT), 0, "byte {i}");
+        }
+        // A run holding a whole document takes automerge's general loader.
+        let whole = writer.save();
+        assert_eq!(parse_change_run(&whole).unwrap().map(|c| c.len()), None);
+        let mut doc = AutoCommit::new();
+        load_changes(&mut doc, &[whole]).unwrap();
+        assert_eq!(doc.length(ROOT), 2);
+        assert_eq!(doc.get_heads(), writer.get_heads());
     }
 
     #[tokio::test]
