@@ -59,7 +59,7 @@ struct RunArgs {
     /// Seed of the schedule and the workload's choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Results folder (default: jepsen-results/<seed>-<unix time>).
+    /// Results folder (default: jepsen-results/SEED-UNIXTIME).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Every selected fault exactly once, in an order drawn from the seed (the CI

@@ -9,7 +9,7 @@
 //! - [`failover`]: kill partition leaders, time the new leader and the first write.
 //! - [`raft_bench`]: Raft-backed operations per second (JoinRoom/LeaveRoom pairs).
 //! - [`partitions`]: room names per partition, membership writes.
-//! - [`bench`]: the group-chat load benchmark (acked sends, subscriber fan-out,
+//! - [`bench`](mod@bench): the group-chat load benchmark (acked sends, subscriber fan-out,
 //!   latency histograms, lost and duplicate deliveries, node CPU and memory).
 //! - [`nodes`]: the `parley` binary, single child processes, CPU and memory from `/proc`.
 //! - [`duration`]: `30s` / `500ms` / `2m` command-line durations.

@@ -23,7 +23,7 @@ pub struct UpArgs {
     /// Nodes in the cluster (default 3; an existing DIR keeps its own count).
     #[arg(long)]
     nodes: Option<usize>,
-    /// Where node data, logs and testnet.json live (DIR/node<i>/, DIR/node<i>.log).
+    /// Where node data, logs and testnet.json live (DIR/nodeN/, DIR/nodeN.log).
     #[arg(long, default_value = ".testnet")]
     dir: PathBuf,
     /// Delete the earlier cluster in DIR (its node dirs, logs and testnet.json) first.

@@ -1,6 +1,6 @@
 //! `membership`: the membership operations of each room (join, leave, kick, ban,
 //! unban, set_role, and strong `members` reads) must be linearizable against
-//! [`RoomModel`], found with the [`wgl`](super::wgl) search.
+//! [`RoomModel`], found with the [`super::wgl`] search.
 //!
 //! The model follows the node's state machine (`node/src/consensus/state/membership.rs`)
 //! and its error mapping (`node/src/api/error.rs`):

@@ -2,7 +2,7 @@
 //! is accepted by any replica. It is checked twice:
 //!
 //! - where the write is made: the home takes its partition's Raft term under its lease
-//!   ([`stamp`]) *before* it checks the author's membership, and the write carries it;
+//!   (`stamp`) *before* it checks the author's membership, and the write carries it;
 //! - where the write is acknowledged: a replica admits a pushed change only if its own
 //!   term for the group is not newer than the stamp and every author of the change
 //!   passes the membership check the home made ([`admit_push`]).

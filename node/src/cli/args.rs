@@ -229,7 +229,7 @@ pub struct ServeArgs {
     /// libp2p listen multiaddr, e.g. /ip4/127.0.0.1/tcp/7200.
     #[arg(long, value_name = "MULTIADDR")]
     pub p2p: Option<String>,
-    /// A node to join (p2p multiaddr, with or without /p2p/<peer id>); repeatable.
+    /// A node to join (p2p multiaddr, with or without /p2p/PEER_ID); repeatable.
     #[arg(long, value_name = "MULTIADDR")]
     pub join: Vec<String>,
     /// A fresh cluster waits for this many nodes before forming.

@@ -16,12 +16,12 @@
 //!    vote lease, and the old leader steps down; the other voters refuse (they still
 //!    hear the old leader), so the two votes win only in groups of up to three voters,
 //!    and larger groups are not balanced;
-//! 4. it stops yielding when the group has another leader, or after [`WAIT_WIN`].
+//! 4. it stops yielding when the group has another leader, or after `WAIT_WIN`.
 //!
 //! Writes that reach the old leader meanwhile wait for the handover
 //! ([`Groups::settle`]) and then go to the new home: a balancing step costs the
 //! partition's writers some latency, not errors. Raft proposals and barriers wait the
-//! same way ([`settled`]), so the preferred node still holds the whole log when it
+//! same way (`settled`), so the preferred node still holds the whole log when it
 //! campaigns.
 //!
 //! To stay correct:
@@ -31,8 +31,8 @@
 //! - The receiver campaigns only while it follows the caller in the term the caller
 //!   names; a stale or repeated request changes nothing.
 //! - Only a leader starts a handover and only towards the preferred node, which never
-//!   hands its group on: no ping-pong. A failed attempt backs off ([`RETRY`],
-//!   [`BACKOFF`]).
+//!   hands its group on: no ping-pong. A failed attempt backs off (`RETRY`,
+//!   `BACKOFF`).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -96,7 +96,7 @@ pub struct HandoverStats {
 }
 
 impl Groups {
-    /// If this node is handing partition `p` over, waits (at most [`WAIT_WIN`]) until it
+    /// If this node is handing partition `p` over, waits (at most `WAIT_WIN`) until it
     /// is done, so that a write routed afterwards finds the new home. Returns at once
     /// otherwise.
     pub async fn settle(&self, p: PartitionId) {

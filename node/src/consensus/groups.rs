@@ -670,7 +670,7 @@ impl Groups {
     ///
     /// openraft gives each heartbeat of such a round one heartbeat interval to answer; on
     /// a starved machine a round can miss a quorum only because replies came late, so a
-    /// failed round is repeated (at most [`RENEW_ROUNDS`]) while `within` lasts and this
+    /// failed round is repeated (at most `RENEW_ROUNDS`) while `within` lasts and this
     /// node still leads.
     pub async fn renew_lease(&self, p: PartitionId, within: Duration) -> bool {
         let Some(g) = self.group(p) else {

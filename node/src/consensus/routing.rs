@@ -11,7 +11,7 @@
 //!   proposing (no recent quorum contact, ForwardToLeader), or the forward never reached
 //!   the peer (blocked, refused connection). A proposal or forward that was sent but did
 //!   not answer in time is `Timeout`: the command may still commit.
-//! - Every loop is bounded: at most [`MAX_ATTEMPTS`] attempts and the route deadline; a
+//! - Every loop is bounded: at most `MAX_ATTEMPTS` attempts and the route deadline; a
 //!   forwarded request carries its remaining budget and hop count ([`MAX_HOPS`]), so a
 //!   chain of forwards cannot outlive the original caller or cycle.
 

@@ -1,5 +1,5 @@
 //! Discovery: how nodes of one cluster find each other. Owns the libp2p swarm (TCP +
-//! noise + yamux, Kademlia, identify), run by one event-loop task ([`event_loop`]) behind
+//! noise + yamux, Kademlia, identify), run by one event-loop task (`event_loop`) behind
 //! the cloneable [`Discovery`] handle. It never touches storage (except its own key file,
 //! `<data_dir>/p2p_key`), Raft or the client API: it only answers "who is in my cluster and
 //! where do they listen".

@@ -803,8 +803,8 @@ impl Timelines {
     }
 
     /// `Some(epoch)` while this node is sure it holds every entry of `room` that was
-    /// acknowledged with `W = 2` more than [`CAUGHT_UP_FOR`] plus a send's timeout ago:
-    /// an exchange it started with another replica completed within [`CAUGHT_UP_FOR`]
+    /// acknowledged with `W = 2` more than `CAUGHT_UP_FOR` plus a send's timeout ago:
+    /// an exchange it started with another replica completed within `CAUGHT_UP_FOR`
     /// (or the room has no other replica). The epoch changes whenever the node gets
     /// caught up again after it was not (restart, partition, overload).
     pub fn caught_up(&self, room: &RoomId) -> Option<u64> {
@@ -942,9 +942,9 @@ impl Timelines {
     /// Anti-entropy until `stop`: every `every`, each room this node replicates is synced
     /// with each peer whose id is greater than this node's; where there is none, or the
     /// node is not caught up in the room, also with the first other peer that answers.
-    /// Between rounds, every [`CATCH_UP_RETRY`], rooms it is not caught up in are tried,
+    /// Between rounds, every `CATCH_UP_RETRY`, rooms it is not caught up in are tried,
     /// and so is each peer that missed one of this node's pushes in a room since its last
-    /// exchange there. Up to [`ANTI_ENTROPY_ROOMS_AT_ONCE`] rooms are worked on at a time.
+    /// exchange there. Up to `ANTI_ENTROPY_ROOMS_AT_ONCE` rooms are worked on at a time.
     pub async fn anti_entropy(
         &self,
         every: std::time::Duration,

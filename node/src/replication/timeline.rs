@@ -951,7 +951,7 @@ impl Timelines {
         Ok(out)
     }
 
-    /// Entries of `room` this node journaled as late ([`Timelines::journal_late`]) at
+    /// Entries of `room` this node journaled as late (`Timelines::journal_late`) at
     /// `since_ms` or after, whose ids are at most `upto`, as events in id order (at most
     /// `limit` journal records read). A resume adds these to its window: they may be
     /// far older than the cursor, yet reached this node (or left it) after the client's
