@@ -2100,5 +2100,42 @@ mod tests {
                 }
             });
         }
+
+        /// A run of changes behind a chunk header, with bytes changed, cut or added:
+        /// refused with nothing applied, never a panic, unless it is unchanged.
+        #[test]
+        fn damaged_change_runs_apply_nothing(
+            edits in proptest::collection::vec((proptest::prelude::any::<usize>(), 1u8..=255), 0..4),
+            cut in proptest::prelude::any::<usize>(),
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..12),
+        ) {
+            let r = room(14);
+            let mut writer = AutoCommit::new();
+            let first = writer_change(&mut writer, &r, 1);
+            let run = [first.clone(), writer_change(&mut writer, &r, 2)].concat();
+            let mut damaged = run.clone();
+            for (at, x) in &edits {
+                let i = at % damaged.len();
+                damaged[i] ^= x;
+            }
+            damaged.truncate(1 + cut % damaged.len());
+            // Bytes after the run: the start of a chunk header, then anything.
+            if !tail.is_empty() {
+                damaged.extend(CHUNK_MAGIC);
+                damaged.extend(&tail);
+            }
+            let mut doc = AutoCommit::new();
+            let r = load_changes(&mut doc, &[damaged.clone()]);
+            if damaged == run {
+                proptest::prop_assert!(r.is_ok());
+                proptest::prop_assert_eq!(doc.length(ROOT), 2);
+            } else if r.is_err() {
+                proptest::prop_assert_eq!(doc.length(ROOT), 0);
+            } else {
+                // Only a cut exactly after the first change, with nothing appended, loads.
+                proptest::prop_assert_eq!(&damaged, &first);
+                proptest::prop_assert_eq!(doc.length(ROOT), 1);
+            }
+        }
     }
 }
