@@ -387,7 +387,8 @@ fn parse_change_run(data: &[u8]) -> Result<Option<Vec<automerge::Change>>, Strin
     let mut rest = data;
     while !rest.is_empty() {
         let n = changes.len();
-        // Magic (4 bytes), checksum (4), chunk type (1), data length (LEB128), data.
+        // Magic (4 bytes), checksum (4), chunk type (1), data length (LEB128, as
+        // protobuf's varints), data.
         let (Some(magic), Some(checksum), Some(&kind)) =
             (rest.get(..4), rest.get(4..8), rest.get(8))
         else {
@@ -396,7 +397,10 @@ fn parse_change_run(data: &[u8]) -> Result<Option<Vec<automerge::Change>>, Strin
         if magic != CHUNK_MAGIC {
             return Err(format!("chunk {n}: not an automerge chunk"));
         }
-        let (len, leb) = uleb128(&rest[9..]).ok_or_else(|| format!("chunk {n}: bad length"))?;
+        let mut after_len = &rest[9..];
+        let len = prost::encoding::decode_varint(&mut after_len)
+            .map_err(|e| format!("chunk {n}: bad length: {e}"))?;
+        let leb = rest.len() - 9 - after_len.len();
         let total = usize::try_from(len)
             .ok()
             .and_then(|len| len.checked_add(9 + leb))
@@ -416,22 +420,6 @@ fn parse_change_run(data: &[u8]) -> Result<Option<Vec<automerge::Change>>, Strin
         rest = tail;
     }
     Ok(Some(changes))
-}
-
-/// An unsigned LEB128 number at the start of `b`, and how many bytes it took.
-fn uleb128(b: &[u8]) -> Option<(u64, usize)> {
-    let mut v: u64 = 0;
-    for (i, byte) in b.iter().take(10).enumerate() {
-        let bits = u64::from(byte & 0x7f);
-        if i == 9 && bits > 1 {
-            return None;
-        }
-        v |= bits << (7 * i);
-        if byte & 0x80 == 0 {
-            return Some((v, i + 1));
-        }
-    }
-    None
 }
 
 fn id_from_key(k: &[u8]) -> Option<MessageId> {
