@@ -552,10 +552,14 @@ impl Timelines {
                         let k = client_key(room, &m.sender, &m.client_msg_id);
                         rd.pending.push((k, id.to_bytes().to_vec()));
                     }
-                    // Amendments that arrived before the message apply now.
-                    if let Some(msg) = rebuild_message(t, rd, room, id)? {
-                        rd.pending
-                            .push((key(b'm', room, &[&id.to_bytes()]), msg.encode_to_vec()));
+                    // Amendments that arrived before the message apply now; a message
+                    // with none needs no `m` record (its entry is its state).
+                    let early = rd.scan_through(t, &key(b'a', room, &[&id.to_bytes()]))?;
+                    if !early.is_empty() {
+                        if let Some(msg) = rebuild_message(t, rd, room, id)? {
+                            rd.pending
+                                .push((key(b'm', room, &[&id.to_bytes()]), msg.encode_to_vec()));
+                        }
                     }
                 }
                 Some(kind) => {

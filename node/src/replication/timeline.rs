@@ -13,7 +13,9 @@
 //! - `s room chunk` -> the chunk saved whole (compacted or sealed)
 //! - `c room chunk seq` -> an incremental automerge change not yet compacted
 //! - `e room id` -> the entry's protobuf bytes (resume/replay index)
-//! - `m room id` -> the message's current state, a `parley.v1.Message` (history index)
+//! - `m room id` -> the current state of a message amended at least once, a
+//!   `parley.v1.Message`; a message never amended has no `m` record, its `e` record is
+//!   its state (history reads `e` and puts `m` records over it)
 //! - `k room sender 0 client_msg_id` -> the message id (idempotent retries)
 //! - `a room target id` -> an amendment (edit, delete, reaction) of message `target`;
 //!   a message's `m` record is rebuilt from its own entry and these, in id order, so
@@ -644,10 +646,11 @@ impl Timelines {
                 client_msg_id: m.client_msg_id,
                 ..Default::default()
             };
-            let mut writes = vec![(key(b'm', &m.room, &[&id.to_bytes()]), msg.encode_to_vec())];
-            if let Some(kk) = k_key {
-                writes.push((kk, id.to_bytes().to_vec()));
-            }
+            // No `m` record: until it is amended, the message's state is its entry.
+            let writes: Vec<_> = k_key
+                .map(|kk| (kk, id.to_bytes().to_vec()))
+                .into_iter()
+                .collect();
             let entry = TimelineEntry {
                 kind: Some(timeline_entry::Kind::Message(msg.clone())),
             };
@@ -671,11 +674,11 @@ impl Timelines {
 
     fn read_message(&self, room: &RoomId, id: MessageId) -> Result<Option<Message>, TimelineError> {
         let t = &self.inner.tree;
-        match t.get(key(b'm', room, &[&id.to_bytes()]))? {
-            Some(v) => Ok(Some(
-                Message::decode(v.as_slice())
-                    .map_err(|e| t.corrupt(format!("message {id}: {e}")))?,
-            )),
+        if let Some(v) = t.get(key(b'm', room, &[&id.to_bytes()]))? {
+            return Ok(Some(decode_message(t, id, &v)?));
+        }
+        match t.get(key(b'e', room, &[&id.to_bytes()]))? {
+            Some(v) => Ok(entry_message(t, id, &v)?),
             None => Ok(None),
         }
     }
@@ -708,14 +711,10 @@ impl Timelines {
             let mut g = slot.lock().await;
             let rd = self.load_locked(room, &mut g)?;
             let t = &self.inner.tree;
-            let msg = match rd.read_through(t, &key(b'm', room, &[&target.to_bytes()]))? {
-                Some(v) => Message::decode(v.as_slice())
-                    .map_err(|e| t.corrupt(format!("message {target}: {e}")))?,
-                None => {
-                    return Err(TimelineError::NotFound {
-                        what: format!("message {target}"),
-                    })
-                }
+            let Some(msg) = current_message(t, rd, room, target)? else {
+                return Err(TimelineError::NotFound {
+                    what: format!("message {target}"),
+                });
             };
             let id = self.inner.hlc.next(Some(target));
             let entry = TimelineEntry {
@@ -853,6 +852,8 @@ impl Timelines {
     }
 
     /// A page of history, oldest first, and whether more exist in the direction asked.
+    /// Walks the room's entries (`e`), keeping messages, then puts the current state of
+    /// those amended since (`m`) in their place.
     pub fn history(
         &self,
         room: &RoomId,
@@ -861,51 +862,63 @@ impl Timelines {
         let t = &self.inner.tree;
         let limit = q.limit.clamp(1, 1000);
         let upper = self.upper(room);
-        let hi = key(b'm', room, &[&upper.to_bytes()]);
-        let lo_all = key(b'm', room, &[]);
+        let hi = key(b'e', room, &[&upper.to_bytes()]);
+        let lo_all = key(b'e', room, &[]);
+        let keep = |k: &[u8], v: &[u8]| -> Result<Option<(MessageId, Message)>, StoreError> {
+            let id = id_from_key(k).ok_or_else(|| t.corrupt("entry key"))?;
+            Ok(entry_message(t, id, v)?.map(|m| (id, m)))
+        };
         let rows = if let Some(before) = q.before {
             let end = key(
-                b'm',
+                b'e',
                 room,
                 &[&before.min(MessageId(upper.0.saturating_add(1))).to_bytes()],
             );
-            let mut rows = t.range_rev(lo_all..end, limit + 1)?;
+            let mut rows = t.range_map(lo_all..end, true, limit + 1, keep)?;
             rows.reverse();
             rows
         } else if let Some(after) = q.after.or(q
             .since_ms
             .map(|ms| MessageId(MessageId::floor_of_ms(ms).0.saturating_sub(1))))
         {
-            let start = key(b'm', room, &[&after.to_bytes()]);
-            t.range(
+            let start = key(b'e', room, &[&after.to_bytes()]);
+            t.range_map(
                 (
                     std::ops::Bound::Excluded(start),
                     std::ops::Bound::Included(hi),
                 ),
+                false,
                 limit + 1,
+                keep,
             )?
         } else {
-            let mut rows = t.range_rev(lo_all..=hi, limit + 1)?;
+            let mut rows = t.range_map(lo_all..=hi, true, limit + 1, keep)?;
             rows.reverse();
             rows
         };
         let more = rows.len() > limit;
-        let rows: Vec<_> = if more {
+        let mut rows = if more {
             if q.before.is_some() || (q.after.is_none() && q.since_ms.is_none()) {
-                rows[1..].to_vec()
+                rows.into_iter().skip(1).collect()
             } else {
-                rows[..limit].to_vec()
+                rows.into_iter().take(limit).collect()
             }
         } else {
             rows
         };
-        let mut out = Vec::with_capacity(rows.len());
-        for (_, v) in rows {
-            out.push(
-                Message::decode(v.as_slice()).map_err(|e| t.corrupt(format!("message: {e}")))?,
-            );
+        if let (Some((first, _)), Some((last, _))) = (rows.first(), rows.last()) {
+            let amended = t.range(
+                key(b'm', room, &[&first.to_bytes()])..=key(b'm', room, &[&last.to_bytes()]),
+                usize::MAX,
+            )?;
+            for (k, v) in amended {
+                let id = id_from_key(&k).ok_or_else(|| t.corrupt("message key"))?;
+                if let Ok(i) = rows.binary_search_by_key(&id, |(id, _)| *id) {
+                    rows[i].1 = decode_message(t, id, &v)?;
+                }
+            }
         }
-        Ok((out, more))
+        Ok((rows.into_iter().map(|(_, m)| m).collect(), more))
     }
 
     /// Durable timeline entries of a room with `after < id <= upto`, as events, at most `limit`.
@@ -1022,6 +1035,38 @@ fn stored_event(
 ) -> Result<Option<Event>, TimelineError> {
     let entry = TimelineEntry::decode(bytes).map_err(|e| t.corrupt(format!("entry {id}: {e}")))?;
     Ok(entry_event(room, entry))
+}
+
+/// The message an `e` record holds (`None` for edits, deletes and reactions).
+fn entry_message(t: &Tree, id: MessageId, bytes: &[u8]) -> Result<Option<Message>, StoreError> {
+    let entry = TimelineEntry::decode(bytes).map_err(|e| t.corrupt(format!("entry {id}: {e}")))?;
+    Ok(match entry.kind {
+        Some(timeline_entry::Kind::Message(m)) => Some(m),
+        _ => None,
+    })
+}
+
+/// A message's `m` record: its state after amendments.
+fn decode_message(t: &Tree, id: MessageId, bytes: &[u8]) -> Result<Message, StoreError> {
+    Message::decode(bytes).map_err(|e| t.corrupt(format!("message {id}: {e}")))
+}
+
+/// A message's current state as a writer holding the room lock sees it (pending writes
+/// included): its `m` record if it was amended, else its own entry. `None` if `id` is
+/// not a message this replica holds.
+pub(super) fn current_message(
+    t: &Tree,
+    rd: &RoomDoc,
+    room: &RoomId,
+    id: MessageId,
+) -> Result<Option<Message>, StoreError> {
+    if let Some(v) = rd.read_through(t, &key(b'm', room, &[&id.to_bytes()]))? {
+        return decode_message(t, id, &v).map(Some);
+    }
+    match rd.read_through(t, &key(b'e', room, &[&id.to_bytes()]))? {
+        Some(v) => entry_message(t, id, &v),
+        None => Ok(None),
+    }
 }
 
 /// Recomputes a message's current state (its history record) from the message's own
@@ -1880,6 +1925,86 @@ mod tests {
             .edit(&r, &user("alice"), MessageId(7), "x".into(), 1, None)
             .await
             .is_err());
+    }
+
+    #[tokio::test]
+    async fn history_pages_skip_amendments_and_show_current_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, tl, _hub) = open(dir.path(), ChunkLimits::default()).await;
+        let r = room(5);
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            ids.push(tl.send(msg(&r, &format!("m{i}"), "")).await.unwrap().id);
+        }
+        tl.edit(&r, &user("alice"), ids[1], "m1 edited".into(), 1, None)
+            .await
+            .unwrap();
+        tl.react(&r, &user("bob"), ids[0], "👍".into(), false, 1, None)
+            .await
+            .unwrap();
+        ids.push(tl.send(msg(&r, "m3", "")).await.unwrap().id);
+        tl.delete(&r, &user("alice"), false, ids[3], 1, None)
+            .await
+            .unwrap();
+        ids.push(tl.send(msg(&r, "m4", "")).await.unwrap().id);
+        for who in ["bob", "carol"] {
+            tl.react(&r, &user(who), ids[4], "🎉".into(), false, 1, None)
+                .await
+                .unwrap();
+        }
+        ids.push(tl.send(msg(&r, "m5", "")).await.unwrap().id);
+        // Only amended messages have an `m` record.
+        let t = &tl.inner.tree;
+        let has_m = |id: MessageId| t.get(key(b'm', &r, &[&id.to_bytes()])).unwrap().is_some();
+        assert_eq!(
+            ids.iter().map(|id| has_m(*id)).collect::<Vec<_>>(),
+            vec![true, true, false, true, true, false]
+        );
+        let page = |q: HistoryQuery| {
+            let (msgs, more) = tl.history(&r, &q).unwrap();
+            let got: Vec<(String, String)> = msgs.into_iter().map(|m| (m.id, m.text)).collect();
+            (got, more)
+        };
+        let q = |limit, before, after| HistoryQuery {
+            limit,
+            before,
+            after,
+            since_ms: None,
+        };
+        let s = |i: usize, text: &str| (ids[i].to_string(), text.to_string());
+        assert_eq!(page(q(2, None, None)), (vec![s(4, "m4"), s(5, "m5")], true));
+        assert_eq!(
+            page(q(2, Some(ids[4]), None)),
+            (vec![s(2, "m2"), s(3, "")], true)
+        );
+        assert_eq!(
+            page(q(2, Some(ids[2]), None)),
+            (vec![s(0, "m0"), s(1, "m1 edited")], false)
+        );
+        assert_eq!(
+            page(q(3, None, Some(ids[0]))),
+            (vec![s(1, "m1 edited"), s(2, "m2"), s(3, "")], true)
+        );
+        assert_eq!(
+            page(q(3, None, Some(ids[3]))),
+            (vec![s(4, "m4"), s(5, "m5")], false)
+        );
+        let (latest, _) = tl.history(&r, &q(6, None, None)).unwrap();
+        assert_eq!(latest.len(), 6);
+        assert_eq!(latest[0].reactions[0].users, vec!["bob".to_string()]);
+        assert_eq!(latest[4].reactions[0].users.len(), 2);
+        assert!(latest[3].deleted);
+        // Data written by older builds has an `m` record for every message: the same.
+        for m in &latest {
+            let id: MessageId = m.id.parse().unwrap();
+            t.insert(key(b'm', &r, &[&id.to_bytes()]), m.encode_to_vec())
+                .unwrap();
+        }
+        assert_eq!(tl.history(&r, &q(6, None, None)).unwrap().0, latest);
+        assert_eq!(tl.get_message(&r, ids[2]).unwrap().unwrap(), latest[2]);
+        // An amendment's id is not a message.
+        let last = tl.replay(&r, ids[4], ids[5], 10).unwrap();
+        assert!(tl.get_message(&r, last[0].0).unwrap().is_none());
     }
 
     #[tokio::test]

@@ -195,12 +195,9 @@ impl Tree {
         K: AsRef<[u8]>,
         R: RangeBounds<K>,
     {
-        let mut out = Vec::new();
-        for kv in self.inner.range(range).take(limit) {
-            let (k, v) = kv?;
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(out)
+        self.range_map(range, false, limit, |k, v| {
+            Ok(Some((k.to_vec(), v.to_vec())))
+        })
     }
 
     /// Pairs with keys in `range`, descending, at most `limit`.
@@ -209,10 +206,33 @@ impl Tree {
         K: AsRef<[u8]>,
         R: RangeBounds<K>,
     {
+        self.range_map(range, true, limit, |k, v| {
+            Ok(Some((k.to_vec(), v.to_vec())))
+        })
+    }
+
+    /// Walks the pairs with keys in `range` (descending if `rev`), passing each to `f`,
+    /// and returns the first `limit` values `f` kept (`Some`). Stops at `f`'s first error.
+    pub fn range_map<K, R, T>(
+        &self,
+        range: R,
+        rev: bool,
+        limit: usize,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<Option<T>>,
+    ) -> Result<Vec<T>>
+    where
+        K: AsRef<[u8]>,
+        R: RangeBounds<K>,
+    {
         let mut out = Vec::new();
-        for kv in self.inner.range(range).rev().take(limit) {
+        let mut iter = self.inner.range(range);
+        while out.len() < limit {
+            let next = if rev { iter.next_back() } else { iter.next() };
+            let Some(kv) = next else { break };
             let (k, v) = kv?;
-            out.push((k.to_vec(), v.to_vec()));
+            if let Some(t) = f(&k, &v)? {
+                out.push(t);
+            }
         }
         Ok(out)
     }
@@ -301,6 +321,16 @@ mod tests {
         assert_eq!(t.range([1u8, 3]..[1u8, 6], 100)?.len(), 3);
         assert_eq!(t.range_rev([1u8, 0]..[2u8, 0], 2)?[0].0, vec![1, 9]);
         assert_eq!(t.last_with_prefix([1])?.map(|kv| kv.1), Some(vec![9]));
+        // Odd values only, newest first, two of them; an error from `f` stops the walk.
+        let odd = t.range_map([1u8, 0]..[2u8, 0], true, 2, |_, v| {
+            Ok((v[0] % 2 == 1).then_some(v[0]))
+        })?;
+        assert_eq!(odd, vec![9, 7]);
+        let failed = t.range_map([1u8, 0]..[2u8, 0], false, 10, |_, v| match v[0] {
+            3 => Err(t.corrupt("three")),
+            n => Ok(Some(n)),
+        });
+        assert!(matches!(failed, Err(StoreError::Corrupt { .. })));
         assert_eq!(t.remove_range([1u8, 0]..[1u8, 5])?, 5);
         assert_eq!(t.scan_prefix([1])?.len(), 5);
         Ok(())
