@@ -69,6 +69,8 @@ pub struct Config {
     pub compact_every: usize,
     /// Timelines: seal a room's open chunk once it holds this many entries (0 = the default).
     pub chunk_entries: usize,
+    /// How long a busy commit round waits for more writes (`None`: the default, none).
+    pub commit_linger: Option<Duration>,
     /// Hand partition leaderships over to their preferred nodes (`consensus::balance`).
     pub balance_leaders: bool,
 }
@@ -92,6 +94,7 @@ impl Config {
             snapshot_every: 0,
             compact_every: 0,
             chunk_entries: 0,
+            commit_linger: None,
             balance_leaders: true,
         }
     }
@@ -212,6 +215,9 @@ pub async fn run(
     }
     if config.chunk_entries > 0 {
         limits.max_entries = config.chunk_entries;
+    }
+    if let Some(linger) = config.commit_linger {
+        limits.commit_linger = linger;
     }
     let timelines = Timelines::open(&db, hlc.clone(), hub.clone(), limits)?;
     let markers = Markers::open(&db)?;

@@ -264,6 +264,16 @@ pub struct ServeArgs {
     /// smaller chunks keep merges cheap; every node of a cluster should use the same.
     #[arg(long, default_value_t = 0, hide = true, env = "PARLEY_CHUNK_ENTRIES")]
     pub timeline_chunk_entries: usize,
+    /// Tuning: microseconds a busy commit round waits for more writes before its flush
+    /// (default 0 = never). Only rounds after one of four or more writes wait, so a lone
+    /// write is flushed at once. Trades latency for CPU per message (BENCHMARKS.md).
+    #[arg(
+        long,
+        hide = true,
+        env = "PARLEY_COMMIT_LINGER_US",
+        value_name = "MICROS"
+    )]
+    pub timeline_commit_linger_us: Option<u64>,
     /// Tests: the delivery resume window in milliseconds (0 = default 60000); every node
     /// of a cluster must use the same.
     #[arg(long, default_value_t = 0, hide = true)]

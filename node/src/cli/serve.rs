@@ -26,6 +26,7 @@ impl ServeArgs {
         c.snapshot_every = self.raft_snapshot_every;
         c.compact_every = self.timeline_compact_every;
         c.chunk_entries = self.timeline_chunk_entries;
+        c.commit_linger = self.timeline_commit_linger_us.map(Duration::from_micros);
         c.balance_leaders = !self.no_leader_balance;
         c
     }
