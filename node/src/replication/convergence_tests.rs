@@ -618,6 +618,38 @@ fn concurrent_reaction_add_and_remove_converge() {
     run_case(&ops, true).unwrap();
 }
 
+/// A reaction reaches a replica before the message it reacts to. Within a chunk a
+/// change cannot apply before the changes it depends on, so this takes two chunks:
+/// n1 seals the chunk holding n0's message (chunks of two entries), then reacts to it
+/// in the next chunk, while n2 is cut off from n0 and refuses n1's pushes into the
+/// first chunk for the gap. Once the message arrives, n2's history must show it with
+/// the reaction (a replica writes a message's `m` record only when amendments arrived
+/// first, so this is the case that needs one).
+#[test]
+fn an_amendment_that_arrives_before_its_message_applies_when_it_does() {
+    use Op::*;
+    let ops = [
+        Cut { a: 0, b: 2 },
+        Send { at: 0, user: 0 },
+        Sync { from: 0, to: 1 },
+        Send { at: 1, user: 1 },
+        Send { at: 1, user: 1 },
+        React {
+            at: 1,
+            pick: 0,
+            user: 2,
+            emoji: 0,
+            remove: false,
+        },
+        Settle { ms: 100 },
+    ];
+    let limits = ChunkLimits {
+        max_entries: 2,
+        ..ChunkLimits::default()
+    };
+    run_case_with(&ops, true, limits).unwrap();
+}
+
 /// Writes on both sides of a partition where one side seals its open chunk: after the
 /// heal the other side's messages must still reach it.
 ///

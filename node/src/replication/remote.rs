@@ -554,8 +554,7 @@ impl Timelines {
                     }
                     // Amendments that arrived before the message apply now; a message
                     // with none needs no `m` record (its entry is its state).
-                    let early = rd.scan_through(t, &key(b'a', room, &[&id.to_bytes()]))?;
-                    if !early.is_empty() {
+                    if rd.any_through(t, &key(b'a', room, &[&id.to_bytes()]))? {
                         if let Some(msg) = rebuild_message(t, rd, room, id)? {
                             rd.pending
                                 .push((key(b'm', room, &[&id.to_bytes()]), msg.encode_to_vec()));

@@ -230,6 +230,15 @@ impl RoomDoc {
         Ok(out)
     }
 
+    /// Whether any key starts with `prefix`, pending writes included. Cheaper than
+    /// [`Self::scan_through`] when the answer is almost always no: nothing is copied.
+    pub(super) fn any_through(&self, tree: &Tree, prefix: &[u8]) -> Result<bool, StoreError> {
+        if self.pending.iter().any(|(k, _)| k.starts_with(prefix)) {
+            return Ok(true);
+        }
+        Ok(tree.first_with_prefix(prefix)?.is_some())
+    }
+
     /// The latest value of `key`: a pending write, else the store's.
     pub(super) fn read_through(
         &self,
