@@ -87,7 +87,7 @@ pub struct ChunkLimits {
     /// Under load, how long a commit round waits for more writes before it persists and
     /// flushes (zero, the default: never). A round lingers only after one of at least
     /// [`LINGER_AFTER_ROUND`] writes, so a lone write is not delayed. Off by default: on
-    /// the dev machine a linger of 3–6 ms cut CPU per message by 7–17 % at full load, and
+    /// the dev machine a linger of 3–6 ms cut CPU per message by 5–19 % at full load, and
     /// 3 ms raised ack p99 at half load from 47 to 75 ms (BENCHMARKS §3).
     pub commit_linger: std::time::Duration,
 }
