@@ -698,13 +698,7 @@ impl Timelines {
 
     fn read_message(&self, room: &RoomId, id: MessageId) -> Result<Option<Message>, TimelineError> {
         let t = &self.inner.tree;
-        if let Some(v) = t.get(key(b'm', room, &[&id.to_bytes()]))? {
-            return Ok(Some(decode_message(t, id, &v)?));
-        }
-        match t.get(key(b'e', room, &[&id.to_bytes()]))? {
-            Some(v) => Ok(entry_message(t, id, &v)?),
-            None => Ok(None),
-        }
+        Ok(message_state(t, room, id, |k| t.get(k))?)
     }
 
     /// Looks up one message (above-watermark entries are invisible).
@@ -735,7 +729,8 @@ impl Timelines {
             let mut g = slot.lock().await;
             let rd = self.load_locked(room, &mut g)?;
             let t = &self.inner.tree;
-            let Some(msg) = current_message(t, rd, room, target)? else {
+            // Pending writes included: the lock is held, the pipeline may not have run.
+            let Some(msg) = message_state(t, room, target, |k| rd.read_through(t, k))? else {
                 return Err(TimelineError::NotFound {
                     what: format!("message {target}"),
                 });
@@ -1075,19 +1070,19 @@ fn decode_message(t: &Tree, id: MessageId, bytes: &[u8]) -> Result<Message, Stor
     Message::decode(bytes).map_err(|e| t.corrupt(format!("message {id}: {e}")))
 }
 
-/// A message's current state as a writer holding the room lock sees it (pending writes
-/// included): its `m` record if it was amended, else its own entry. `None` if `id` is
-/// not a message this replica holds.
-pub(super) fn current_message(
+/// A message's current state: its `m` record if it was amended, else its own entry.
+/// `None` if `id` is not a message this replica holds. `get` reads one key: from the
+/// store, or through a room's pending writes (`RoomDoc::read_through`).
+fn message_state(
     t: &Tree,
-    rd: &RoomDoc,
     room: &RoomId,
     id: MessageId,
+    get: impl Fn(&[u8]) -> Result<Option<Vec<u8>>, StoreError>,
 ) -> Result<Option<Message>, StoreError> {
-    if let Some(v) = rd.read_through(t, &key(b'm', room, &[&id.to_bytes()]))? {
+    if let Some(v) = get(&key(b'm', room, &[&id.to_bytes()]))? {
         return decode_message(t, id, &v).map(Some);
     }
-    match rd.read_through(t, &key(b'e', room, &[&id.to_bytes()]))? {
+    match get(&key(b'e', room, &[&id.to_bytes()]))? {
         Some(v) => entry_message(t, id, &v),
         None => Ok(None),
     }
@@ -1211,13 +1206,11 @@ pub(super) fn entry_event(room: &RoomId, entry: TimelineEntry) -> Option<Event> 
 /// others once the room's pusher has their change durable on enough replicas. A room
 /// whose batch fails is dropped from memory (it reloads from disk on next use) and its
 /// writers get the error: nothing half-written is acknowledged or delivered.
-/// The commit rounds. Each round takes every write queued so far, persists it in one
-/// sled batch, pushes it and flushes once. A flush costs about the same for one write
-/// as for fifty (the log buffer's write, the fsync, the IO thread hand-offs), so under
-/// load a round may first linger for `commit_linger` to let more writes join: on a
-/// 2-core machine running three nodes this fixed cost was a sixth of node CPU.
-/// The linger follows only a round of at least `LINGER_AFTER_ROUND` writes, so at low
-/// rates a write is flushed at once.
+///
+/// A flush costs about the same for one write as for fifty, so with a `linger` a round
+/// that follows one of at least `LINGER_AFTER_ROUND` writes first waits that long for
+/// more to join (see [`ChunkLimits::commit_linger`]); at low rates a write is flushed
+/// at once.
 async fn commit_pipeline(
     inner: std::sync::Weak<Inner>,
     mut rx: mpsc::UnboundedReceiver<Commit>,
