@@ -228,6 +228,7 @@ pub async fn run(
         markers.clone(),
         hub.clone(),
     );
+    let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Arc::new(Ctx {
         node,
         groups: groups.clone(),
@@ -243,11 +244,12 @@ pub async fn run(
         cluster: config.cluster.clone(),
         discovery: discovery.clone(),
         forward_channels: Default::default(),
+        forward_lanes: Default::default(),
+        stopping: stop_rx.clone(),
         metrics: Default::default(),
         db: db.clone(),
     });
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(applied_events(ctx.clone(), applied_rx, stop_rx.clone()));
     tasks.spawn(expiry(ctx.clone(), stop_rx.clone()));

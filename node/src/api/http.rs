@@ -110,6 +110,31 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> String {
         "counter",
         failed,
     );
+    let f = &ctx.forward_lanes.stats;
+    line(
+        "parley_sends_forwarded_total",
+        "Sends this node forwarded to their room's home on a ForwardSends stream.",
+        "counter",
+        f.sent.load(Relaxed),
+    );
+    line(
+        "parley_forward_messages_total",
+        "Stream messages that carried them (several sends each under load).",
+        "counter",
+        f.messages.load(Relaxed),
+    );
+    line(
+        "parley_forward_streams_opened_total",
+        "ForwardSends streams this node opened (one per home; another after one breaks).",
+        "counter",
+        f.streams.load(Relaxed),
+    );
+    line(
+        "parley_forwarded_sends_received_total",
+        "Forwarded sends this node ran as the room's home.",
+        "counter",
+        f.received.load(Relaxed),
+    );
     let r = ctx.timelines.stats();
     line(
         "parley_pushes_taken_total",

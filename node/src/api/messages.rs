@@ -8,8 +8,8 @@ use parley_proto::v1 as pb;
 
 use tonic::metadata::MetadataMap;
 
-use super::fence;
 use super::route::{check_reachable, forwarded, relay, route, write_quorum, Route};
+use super::{fence, forward};
 use super::{message_id, opt_message_id, validate_text, ApiError, ApiResult, Ctx, Metrics};
 use crate::consensus::state::{Applied, Command, Role, RoomRecord};
 use crate::ids::{RoomId, UserId};
@@ -35,7 +35,7 @@ async fn append(
     client_msg_id: String,
     after: &str,
     md: &MetadataMap,
-    forward: impl FnOnce() -> pb::SendMessageRequest,
+    forward: impl Fn() -> pb::SendMessageRequest,
 ) -> ApiResult<pb::SendMessageResponse> {
     let text = validate_text(text)?;
     if client_msg_id.len() > MAX_CLIENT_ID {
@@ -45,8 +45,16 @@ async fn append(
     }
     let after = opt_message_id(after, "after")?;
     let w = write_quorum(ctx, room)?;
-    if let Route::Forward(mut home) = route(ctx, room, md, w).await? {
-        match relay(home.send_message(forwarded(forward(), md)).await) {
+    if let Route::Forward(home) = route(ctx, room, md, w).await? {
+        let sent = match forward::send(ctx, &home.addr, &home.client, md, forward()).await {
+            // A home older than the forwarding stream: the unary call.
+            Err(ApiError::Relayed(s)) if s.code() == tonic::Code::Unimplemented => {
+                let mut client = home.client;
+                relay(client.send_message(forwarded(forward(), md)).await)
+            }
+            other => other,
+        };
+        match sent {
             // W=1 needs no home: if it cannot be reached, write here (DESIGN §4).
             Err(ApiError::Relayed(s)) if w <= 1 && s.code() == tonic::Code::Unavailable => {}
             other => return other,
@@ -178,7 +186,7 @@ pub(super) async fn edit(
     let text = validate_text(req.text.clone())?;
     let w = write_quorum(ctx, &room)?;
     if let Route::Forward(mut home) = route(ctx, &room, md, w).await? {
-        return relay(home.edit_message(forwarded(req, md)).await);
+        return relay(home.client.edit_message(forwarded(req, md)).await);
     }
     let fence = fence::stamp(ctx, &room, w).await?;
     ctx.require_member(&room, user).await?;
@@ -200,7 +208,7 @@ pub(super) async fn delete(
     let target = message_id(&req.message_id)?;
     let w = write_quorum(ctx, &room)?;
     if let Route::Forward(mut home) = route(ctx, &room, md, w).await? {
-        return relay(home.delete_message(forwarded(req, md)).await);
+        return relay(home.client.delete_message(forwarded(req, md)).await);
     }
     let fence = fence::stamp(ctx, &room, w).await?;
     let me = ctx.require_member(&room, user).await?;
@@ -228,7 +236,7 @@ pub(super) async fn react(
     }
     let w = write_quorum(ctx, &room)?;
     if let Route::Forward(mut home) = route(ctx, &room, md, w).await? {
-        return relay(home.react(forwarded(req, md)).await);
+        return relay(home.client.react(forwarded(req, md)).await);
     }
     let fence = fence::stamp(ctx, &room, w).await?;
     ctx.require_member(&room, user).await?;

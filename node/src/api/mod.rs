@@ -37,6 +37,7 @@ pub mod auth;
 mod cluster;
 pub mod error;
 pub mod fence;
+mod forward;
 pub mod http;
 mod members;
 mod messages;
@@ -98,6 +99,11 @@ pub struct Ctx {
     /// Channels to other nodes' client API, for writes forwarded to a room's home.
     pub forward_channels:
         std::sync::Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
+    /// Streams to other nodes that carry the sends forwarded to them (`forward.rs`).
+    pub forward_lanes: forward::ForwardLanes,
+    /// Turns true when the node starts shutting down: long-lived streams between nodes
+    /// end then, so the server's graceful shutdown does not wait on them.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
     pub metrics: Metrics,
     pub db: crate::store::Db,
 }
@@ -554,5 +560,17 @@ impl Chat for ChatService {
         _req: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         answer(&self.ctx, cluster::status(&self.ctx).await)
+    }
+
+    type ForwardSendsStream = forward::AnswerStream;
+
+    async fn forward_sends(
+        &self,
+        req: Request<tonic::Streaming<pb::ForwardedSends>>,
+    ) -> Result<Response<Self::ForwardSendsStream>, Status> {
+        Ok(Response::new(forward::serve(
+            self.ctx.clone(),
+            req.into_inner(),
+        )))
     }
 }

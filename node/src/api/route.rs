@@ -20,7 +20,7 @@ use crate::consensus::state::RoomRecord;
 /// reaches its home in one hop; a second is taken only when the node it reached no
 /// longer leads the partition (a handover or an election between the two decisions);
 /// after two the receiver writes it itself, whatever it thinks of leadership.
-const FORWARDED: &str = "x-parley-forwarded";
+pub(super) const FORWARDED: &str = "x-parley-forwarded";
 const MAX_HOPS: u8 = 2;
 
 /// How long a write that needs a leader waits for one to be known before it is refused
@@ -28,11 +28,17 @@ const MAX_HOPS: u8 = 2;
 const LEADER_WAIT: Duration = Duration::from_millis(1200);
 
 /// How long a forwarded write may take on the home.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) enum Route {
     Local,
-    Forward(ChatClient<Channel>),
+    Forward(Box<Home>),
+}
+
+/// The node a write goes to.
+pub(super) struct Home {
+    pub addr: String,
+    pub client: ChatClient<Channel>,
 }
 
 /// The room's write quorum: the room's own, else the cluster default, clamped to the
@@ -78,7 +84,8 @@ pub(super) async fn route(
                 .groups
                 .addr_of(n)
                 .ok_or_else(|| ApiError::Unavailable(format!("the home of {} (node {n}) has no known address", room.name)))?;
-            Ok(Route::Forward(client(ctx, &addr)?))
+            let client = client(ctx, &addr)?;
+            Ok(Route::Forward(Box::new(Home { addr, client })))
         }
         // Forwarded by a node that saw a leader: the fence decides here.
         None if w <= 1 || hops > 0 => Ok(Route::Local),
@@ -133,13 +140,22 @@ pub(super) fn is_forwarded(md: &MetadataMap) -> bool {
     hops(md) > 0
 }
 
+/// The hop count of a request forwarded from one that arrived with `md`.
+pub(super) fn hops_after(md: &MetadataMap) -> u8 {
+    if hops(md) == 0 {
+        1
+    } else {
+        MAX_HOPS
+    }
+}
+
 /// The same request for the home: the caller's token, its hop count one higher.
 pub(super) fn forwarded<T>(body: T, md: &MetadataMap) -> Request<T> {
     let mut r = Request::new(body);
     if let Some(auth) = md.get("authorization") {
         r.metadata_mut().insert("authorization", auth.clone());
     }
-    let hop = if hops(md) == 0 { "1" } else { "2" };
+    let hop = if hops_after(md) == 1 { "1" } else { "2" };
     r.metadata_mut()
         .insert(FORWARDED, tonic::metadata::MetadataValue::from_static(hop));
     r.set_timeout(FORWARD_TIMEOUT);

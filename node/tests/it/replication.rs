@@ -167,6 +167,19 @@ async fn messages_replicate_converge_and_resume_across_nodes() {
         },
     );
     assert_eq!(total("parley_pushes_received_refused_total"), 0.0);
+    // Sends reached their room's home on ForwardSends streams: at least the 60 of the two
+    // writers on other nodes, each run once by a home, on at most one stream per pair of
+    // nodes (nothing broke), several to a stream message at times but never fewer.
+    let forwarded = total("parley_sends_forwarded_total");
+    assert!(forwarded >= 60.0, "{forwarded} sends forwarded");
+    assert_eq!(total("parley_forwarded_sends_received_total"), forwarded);
+    let streams = total("parley_forward_streams_opened_total");
+    assert!((1.0..=6.0).contains(&streams), "{streams} streams opened");
+    let carried_in = total("parley_forward_messages_total");
+    assert!(
+        (1.0..=forwarded).contains(&carried_in),
+        "{carried_in} messages"
+    );
 
     // The cursor taken on C after the 50th message resumes on B with no gap or duplicate.
     let mut on_b = c.nodes[b].client(Some(&bob)).await;
@@ -725,4 +738,143 @@ async fn replicas_refuse_pushes_from_a_stale_home_or_a_banned_author() {
         .into_inner();
     assert!(reply.durable, "{reply:?}");
     assert!(texts(receiver).contains(&"from the home".to_string()));
+}
+
+/// The node that is `room_id`'s home (its partition's leader), as an index into `c.nodes`.
+async fn home_of(c: &Cluster, room_id: &str) -> usize {
+    let id = parley_node::ids::RoomId::parse(room_id).expect("room id");
+    let mut client = c.nodes[0].client(None).await;
+    let st = client
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .expect("cluster status")
+        .into_inner();
+    let group = parley_node::ids::PartitionId::of_room(&id, st.partitions).group();
+    let leader = st
+        .groups
+        .iter()
+        .find(|g| g.group == group.0)
+        .map(|g| g.leader)
+        .expect("the room's group");
+    assert!(leader >= 1, "the room's partition has a leader");
+    (leader - 1) as usize
+}
+
+/// Sends forwarded on a `ForwardSends` stream whose home is killed while they are in
+/// flight keep the promise of their answer: one acknowledged is in the history, one
+/// refused as "nothing was written" never appears; other errors may go either way.
+/// Once the home is back and leads again, sends through the same node are forwarded to
+/// it on a new stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_sends_keep_their_answers_when_the_home_dies() {
+    let mut c = tokio::task::spawn_blocking(|| Cluster::start(3))
+        .await
+        .unwrap();
+    let alice = support::user(&c.nodes[0], "alice");
+    let mut on_0 = c.nodes[0].client(Some(&alice)).await;
+    let room = on_0
+        .create_room(pb::CreateRoomRequest {
+            name: "relay".into(),
+            write_quorum: 0,
+        })
+        .await
+        .expect("room created")
+        .into_inner()
+        .id;
+    let home = home_of(&c, &room).await;
+    let via = (home + 1) % 3;
+    let mut client = c.nodes[via].client(Some(&alice)).await;
+
+    // One sender through `via`, 150 sends or 40 s at most; the home dies after the 30th.
+    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let sender = tokio::spawn(async move {
+        let mut outcomes = Vec::new();
+        let started = Instant::now();
+        for i in 0..150 {
+            if started.elapsed() > Duration::from_secs(40) {
+                break;
+            }
+            let r = send(&mut client, "relay", &format!("f{i}")).await;
+            if r.is_ok() {
+                let _ = acked_tx.send(i);
+            }
+            outcomes.push(r);
+        }
+        outcomes
+    });
+    let mut acked = 0;
+    while acked < 30 {
+        let got = tokio::time::timeout(Duration::from_secs(30), acked_rx.recv()).await;
+        assert!(matches!(got, Ok(Some(_))), "30 sends acked before the kill");
+        acked += 1;
+    }
+    c.nodes[home].kill9();
+    let outcomes = sender.await.unwrap();
+    c = tokio::task::spawn_blocking(move || {
+        c.restart(home);
+        support::wait_balanced(&c.nodes[0]);
+        c
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        home_of(&c, &room).await,
+        home,
+        "the home leads its room again"
+    );
+
+    // Through the same node again: forwarded to the restarted home on a new stream.
+    let mut client = c.nodes[via].client(Some(&alice)).await;
+    for i in 0..20 {
+        send(&mut client, "relay", &format!("g{i}"))
+            .await
+            .expect("a send forwarded to the restarted home");
+    }
+    let streams = support::metrics(&c.nodes[via])
+        .get("parley_forward_streams_opened_total")
+        .copied()
+        .unwrap_or(0.0);
+    assert!(streams >= 2.0, "{streams} streams opened by node {via}");
+
+    // Every node ends with the same history, and it keeps every answer's promise.
+    let texts = |node: usize| -> Vec<String> {
+        support::history(&c.nodes[node], &alice, "relay")
+            .iter()
+            .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    for node in 0..3 {
+        eventually(
+            Duration::from_secs(30),
+            "every node has the 20 later sends",
+            || texts(node).iter().filter(|t| t.starts_with('g')).count() == 20,
+        );
+    }
+    let history = texts(via);
+    let (mut ok, mut refused) = (0, 0);
+    for (i, r) in outcomes.iter().enumerate() {
+        let text = format!("f{i}");
+        let times = history.iter().filter(|t| **t == text).count();
+        match r {
+            Ok(_) => {
+                ok += 1;
+                assert_eq!(times, 1, "{text} was acknowledged");
+            }
+            Err(s) if s.message().contains("nothing was written") => {
+                refused += 1;
+                assert_eq!(times, 0, "{text} was refused: {s:?}");
+            }
+            Err(_) => assert!(times <= 1, "{text} appears {times} times"),
+        }
+    }
+    eprintln!(
+        "{ok} acked, {refused} refused as unwritten, of {}",
+        outcomes.len()
+    );
+    assert!(ok >= 30);
+    for node in 0..3 {
+        eventually(Duration::from_secs(30), "identical histories", || {
+            texts(node) == history
+        });
+    }
 }

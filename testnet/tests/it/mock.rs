@@ -314,4 +314,13 @@ impl Chat for Mock {
     ) -> Result<Response<ClusterStatusResponse>, Status> {
         unimpl()
     }
+
+    type ForwardSendsStream = ReceiverStream<Result<ForwardedAnswers, Status>>;
+
+    async fn forward_sends(
+        &self,
+        _: Request<tonic::Streaming<ForwardedSends>>,
+    ) -> Result<Response<Self::ForwardSendsStream>, Status> {
+        unimpl()
+    }
 }
