@@ -73,6 +73,23 @@ async fn messages_replicate_converge_and_resume_across_nodes() {
     c.nodes[cc]
         .cli(Some(&carol), &["room", "join", "town"])
         .ok();
+    // C's cursors are exact only while C is caught up in the room (an anti-entropy
+    // exchange it started completed lately; README, subscribe): a new room gets its first
+    // within about a second, later on a loaded machine. Before that the cursor taken
+    // below would stay at the stream's start, and the resume on B would rightly replay
+    // from there (a CI run once did).
+    let exchanges = |n: &Node| {
+        support::metrics(n)
+            .get("parley_anti_entropy_exchanges_total")
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let before = exchanges(&c.nodes[cc]);
+    eventually(
+        Duration::from_secs(30),
+        "C completes an exchange over town",
+        || exchanges(&c.nodes[cc]) > before,
+    );
 
     // A subscriber on C receives exactly the 100 messages sent on A, in order.
     let mut on_c = c.nodes[cc].client(Some(&carol)).await;
