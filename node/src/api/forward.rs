@@ -41,7 +41,7 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use super::route::{hops_after, FORWARDED, FORWARD_TIMEOUT};
+use super::route::{hops_after, mark_forwarded, FORWARD_TIMEOUT};
 use super::{auth, messages, ApiError, ApiResult, Ctx, Metrics};
 
 /// Most sends in one stream message, and most answers in one.
@@ -393,11 +393,7 @@ async fn run_send(ctx: &Ctx, send: pb::ForwardedSend) -> ApiResult<pb::SendMessa
             .map_err(|_| ApiError::Unauthenticated("malformed authorization header".into()))?;
         md.insert("authorization", v);
     }
-    let hop = match send.hops {
-        0 | 1 => "1",
-        _ => "2",
-    };
-    md.insert(FORWARDED, MetadataValue::from_static(hop));
+    mark_forwarded(&mut md, send.hops);
     let user = auth::authenticate(ctx, &md).await?;
     let req = send
         .request

@@ -20,7 +20,7 @@ use crate::consensus::state::RoomRecord;
 /// reaches its home in one hop; a second is taken only when the node it reached no
 /// longer leads the partition (a handover or an election between the two decisions);
 /// after two the receiver writes it itself, whatever it thinks of leadership.
-pub(super) const FORWARDED: &str = "x-parley-forwarded";
+const FORWARDED: &str = "x-parley-forwarded";
 const MAX_HOPS: u8 = 2;
 
 /// How long a write that needs a leader waits for one to be known before it is refused
@@ -149,15 +149,19 @@ pub(super) fn hops_after(md: &MetadataMap) -> u8 {
     }
 }
 
+/// Marks a request as forwarded `hops` times (1; anything more is sent as 2).
+pub(super) fn mark_forwarded(md: &mut MetadataMap, hops: u32) {
+    let hop = if hops <= 1 { "1" } else { "2" };
+    md.insert(FORWARDED, tonic::metadata::MetadataValue::from_static(hop));
+}
+
 /// The same request for the home: the caller's token, its hop count one higher.
 pub(super) fn forwarded<T>(body: T, md: &MetadataMap) -> Request<T> {
     let mut r = Request::new(body);
     if let Some(auth) = md.get("authorization") {
         r.metadata_mut().insert("authorization", auth.clone());
     }
-    let hop = if hops_after(md) == 1 { "1" } else { "2" };
-    r.metadata_mut()
-        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static(hop));
+    mark_forwarded(r.metadata_mut(), u32::from(hops_after(md)));
     r.set_timeout(FORWARD_TIMEOUT);
     r
 }
