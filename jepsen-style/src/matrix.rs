@@ -7,6 +7,11 @@
 //! different faults may overlap; an operation then counts for each. An anomaly counts
 //! for a fault when one of the events it names lies inside a window of that fault, and
 //! for "no fault" when none does.
+//!
+//! The first [`RECOVERY_SECS`] after a window closes belong to neither: the cluster is
+//! healing then (a restarted node replaying its log, a new leader taking over, clients
+//! reconnecting), and refusals there say how fast it heals, not how it behaves at rest.
+//! They get a row of their own, [`RECOVERY`], so that "no fault" is the steady state.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -25,8 +30,15 @@ pub const WORKLOADS: [&str; 6] = [
     "presence",
 ];
 
-/// The row of operations completed outside every fault window (and before the final heal).
+/// The row of operations completed outside every fault window and every recovery
+/// period (and before the final heal).
 pub const NO_FAULT: &str = "no fault";
+
+/// How long after a fault window closes its recovery period lasts.
+pub const RECOVERY_SECS: f64 = 5.0;
+
+/// The row of operations completed in a recovery period (outside every window).
+pub const RECOVERY: &str = "recovery (5 s after a fault)";
 
 /// The workload an operation belongs to, or `None` for the harness's own (final reads,
 /// liveness, nemesis). The ban-fence workload works in rooms named `f…`.
@@ -75,7 +87,8 @@ pub struct Row {
     pub anomalies: BTreeMap<&'static str, usize>,
 }
 
-/// The matrix: a row per fault that occurred, in name order, then [`NO_FAULT`].
+/// The matrix: a row per fault that occurred, in name order, then [`RECOVERY`] and
+/// [`NO_FAULT`].
 pub fn build(events: &[Event], verdicts: &[Verdict]) -> BTreeMap<String, Row> {
     let windows = fault_windows(events);
     // Operations after the final heal (final reads, liveness) are the harness's own.
@@ -86,18 +99,38 @@ pub fn build(events: &[Event], verdicts: &[Verdict]) -> BTreeMap<String, Row> {
                 && matches!(&e.op, Op::Nemesis { fault, start: true, .. } if fault == "heal")
         })
         .map_or(f64::INFINITY, |e| e.time as f64 / 1e9);
+    // Where an operation completed at `t` counts: the faults whose windows hold it;
+    // else recovery if a window closed less than RECOVERY_SECS before; else no fault.
     let faults_at = |t: f64| -> Vec<&str> {
-        windows
+        let inside: Vec<&str> = windows
             .iter()
             .filter(|(a, b, _)| *a <= t && t <= *b)
             .map(|(_, _, f)| f.as_str())
-            .collect()
+            .collect();
+        if !inside.is_empty() {
+            inside
+        } else if windows
+            .iter()
+            .any(|(_, b, _)| *b < t && t <= b + RECOVERY_SECS)
+        {
+            vec![RECOVERY]
+        } else {
+            vec![NO_FAULT]
+        }
     };
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
-    for (a, b, f) in &windows {
+    for (i, (a, b, f)) in windows.iter().enumerate() {
         let r = rows.entry(f.clone()).or_default();
         r.windows += 1;
         r.seconds += b - a;
+        // The recovery period, cut short where another window opens or the run heals.
+        let next = windows.iter().skip(i + 1).map(|w| w.0).fold(heal, f64::min);
+        let until = (b + RECOVERY_SECS).min(next);
+        if until > *b {
+            let r = rows.entry(RECOVERY.to_string()).or_default();
+            r.windows += 1;
+            r.seconds += until - b;
+        }
     }
     for e in events.iter().filter(|e| e.process != NEMESIS) {
         let Some(w) = workload_of(&e.op) else {
@@ -107,13 +140,7 @@ pub fn build(events: &[Event], verdicts: &[Verdict]) -> BTreeMap<String, Row> {
         if t >= heal {
             continue;
         }
-        let faults = faults_at(t);
-        let names = if faults.is_empty() {
-            vec![NO_FAULT]
-        } else {
-            faults
-        };
-        for name in names {
+        for name in faults_at(t) {
             let c = rows
                 .entry(name.to_string())
                 .or_default()
@@ -134,9 +161,16 @@ pub fn build(events: &[Event], verdicts: &[Verdict]) -> BTreeMap<String, Row> {
         .collect();
     for v in verdicts {
         for an in &v.anomalies {
+            // Under a fault if any of its events is; no fault only if all are.
             let mut hit: BTreeSet<&str> = BTreeSet::new();
             for t in an.events.iter().filter_map(|i| time_of.get(i)) {
                 hit.extend(faults_at(*t));
+            }
+            if hit.len() > 1 {
+                hit.remove(NO_FAULT);
+            }
+            if hit.len() > 1 && hit.iter().any(|n| *n != RECOVERY) {
+                hit.remove(RECOVERY);
             }
             if hit.is_empty() {
                 hit.insert(NO_FAULT);
@@ -163,9 +197,11 @@ pub fn markdown(rows: &BTreeMap<String, Row>) -> String {
         s.push_str("---:|");
     }
     s.push_str("---|\n");
+    let last = |n: &str| n == RECOVERY || n == NO_FAULT;
     let order = rows
         .iter()
-        .filter(|(n, _)| n.as_str() != NO_FAULT)
+        .filter(|(n, _)| !last(n))
+        .chain(rows.iter().filter(|(n, _)| n.as_str() == RECOVERY))
         .chain(rows.iter().filter(|(n, _)| n.as_str() == NO_FAULT));
     for (name, r) in order {
         if name == NO_FAULT {
@@ -210,13 +246,21 @@ mod tests {
         h.advance_ms(1000);
         h.nemesis("kill-one", false, &["n2"]);
         h.advance_ms(1000);
+        let healing = h.invoke(4, "n1", H::join("m0", "u4"));
+        h.fail(4, "n1", H::join("m0", "u4"), "UNAVAILABLE");
         h.sent(1, "n1", "c0", "u1", "c", "03");
+        h.advance_ms(5000);
+        let calm_event = h.sent(1, "n1", "c0", "u1", "d", "04");
         let events = h.events;
         let verdict = Verdict {
             checker: "membership",
             valid: false,
             summary: String::new(),
-            anomalies: vec![Anomaly::new("planted", String::new(), vec![inside])],
+            anomalies: vec![
+                Anomaly::new("planted", String::new(), vec![inside]),
+                // One event while healing, one at rest: counted for recovery only.
+                Anomaly::new("planted", String::new(), vec![healing, calm_event]),
+            ],
             stats: serde_json::Value::Null,
         };
         let rows = build(&events, &[verdict]);
@@ -247,6 +291,24 @@ mod tests {
         assert!(!kill.cells.contains_key("chat-set"));
         assert_eq!(kill.anomalies["membership"], 1);
 
+        let healing = &rows[RECOVERY];
+        assert_eq!(healing.windows, 1);
+        assert!(
+            (healing.seconds - RECOVERY_SECS).abs() < 1e-9,
+            "{}",
+            healing.seconds
+        );
+        assert_eq!(
+            healing.cells["membership"],
+            Cell {
+                ok: 0,
+                fail: 1,
+                info: 0
+            }
+        );
+        assert_eq!(healing.cells["chat-set"].ok, 1);
+        assert_eq!(healing.anomalies["membership"], 1);
+
         let calm = &rows[NO_FAULT];
         assert_eq!(
             calm.cells["chat-set"],
@@ -256,11 +318,22 @@ mod tests {
                 info: 0
             }
         );
+        assert!(!calm.cells.contains_key("membership"));
         assert!(calm.anomalies.is_empty());
 
         let md = markdown(&rows);
         assert!(md.contains("| kill-one | 1 |"), "{md}");
         assert!(md.contains("membership 1"), "{md}");
+        assert!(
+            RECOVERY.contains(&format!("({RECOVERY_SECS} s ")),
+            "{RECOVERY}"
+        );
+        let recovery = md.find("| recovery (5 s after a fault) | 1 | 5 |");
+        let calm = md.find("| no fault |");
+        assert!(
+            matches!((recovery, calm), (Some(r), Some(c)) if r < c),
+            "the recovery row comes before the no-fault row: {md}"
+        );
         assert!(
             md.trim_end().ends_with("none |"),
             "the no-fault row comes last: {md}"

@@ -69,9 +69,12 @@ pub fn finish(cfg: &RunConfig, out: &RunOutput) -> Result<bool> {
 /// What a summary says after its title: operations, the fault matrix, the verdicts.
 fn body(events: &[Event], verdicts: &[Verdict]) -> String {
     let mut text = ops_table(events);
-    text.push_str(
+    let _ = write!(
+        text,
         "\nFault matrix: operations completed under each fault, ok / fail / info per workload;\n\
-         anomalies by checker where one of their events lies inside the fault's windows.\n\n",
+         anomalies by checker where one of their events lies inside the fault's windows;\n\
+         the recovery row holds the first {} s after each window closes.\n\n",
+        crate::matrix::RECOVERY_SECS
     );
     text.push_str(&crate::matrix::markdown(&crate::matrix::build(
         events, verdicts,
