@@ -30,6 +30,18 @@ const LEADER_WAIT: Duration = Duration::from_millis(1200);
 /// How long a forwarded write may take on the home.
 pub(super) const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A connection to a home that has read nothing for this long is pinged...
+const FORWARD_KEEPALIVE: Duration = Duration::from_secs(2);
+/// ...and closed if the ping is not answered within this. A home that stops answering
+/// without closing its connections (paused, or cut off without a reset) then fails
+/// the sends in flight to it after about 5 s, as a broken connection ("transport
+/// error", may have been written), instead of each waiting out its 10 s budget. The
+/// forward lane's next stream then either opens on a new connection or, if the home
+/// still does not answer, fails its sends as "nothing was written" (a stream carries
+/// no send before the home has answered its opening). Connections with no call open
+/// are not pinged.
+const FORWARD_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+
 pub(super) enum Route {
     Local,
     Forward(Box<Home>),
@@ -120,6 +132,8 @@ fn client(ctx: &Ctx, addr: &str) -> ApiResult<ChatClient<Channel>> {
         .map_err(|e| ApiError::Internal(format!("bad peer address {addr}: {e}")))?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
+        .http2_keep_alive_interval(FORWARD_KEEPALIVE)
+        .keep_alive_timeout(FORWARD_KEEPALIVE_TIMEOUT)
         .connect_lazy();
     map.insert(addr.to_owned(), ch.clone());
     Ok(ChatClient::new(ch).max_decoding_message_size(1 << 20))

@@ -895,3 +895,94 @@ async fn forwarded_sends_keep_their_answers_when_the_home_dies() {
         });
     }
 }
+
+/// A home that stops answering without closing its connections (SIGSTOP) fails the
+/// send in flight to it as a broken connection once the forwarding node's keep-alive
+/// ping goes unanswered, inside the send's budget (which would end it with
+/// DEADLINE_EXCEEDED instead). Once the home runs again that send is in the history at
+/// most once, every node has the same history, and sends through the same node are
+/// forwarded again on a new stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_to_a_paused_home_breaks_on_its_keepalive() {
+    let c = tokio::task::spawn_blocking(|| Cluster::start(3))
+        .await
+        .unwrap();
+    let alice = support::user(&c.nodes[0], "alice");
+    let mut on_0 = c.nodes[0].client(Some(&alice)).await;
+    let room = on_0
+        .create_room(pb::CreateRoomRequest {
+            name: "frozen".into(),
+            write_quorum: 0,
+        })
+        .await
+        .expect("room created")
+        .into_inner()
+        .id;
+    let home = home_of(&c, &room).await;
+    let via = (home + 1) % 3;
+    let mut client = c.nodes[via].client(Some(&alice)).await;
+    for i in 0..5 {
+        send(&mut client, "frozen", &format!("a{i}"))
+            .await
+            .expect("a send forwarded before the pause");
+    }
+
+    c.nodes[home].pause();
+    let during = tokio::time::timeout(
+        Duration::from_secs(60),
+        send(&mut client, "frozen", "during"),
+    )
+    .await;
+    c.nodes[home].resume();
+    let err = during
+        .expect("the send is answered")
+        .expect_err("nothing can acknowledge a send whose home is paused");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("transport error"),
+        "the broken connection ends the send, not its budget: {err:?}"
+    );
+
+    let c = tokio::task::spawn_blocking(move || {
+        support::wait_balanced(&c.nodes[0]);
+        c
+    })
+    .await
+    .unwrap();
+    for i in 0..5 {
+        send(&mut client, "frozen", &format!("b{i}"))
+            .await
+            .expect("a send forwarded after the pause");
+    }
+    let streams = support::metrics(&c.nodes[via])
+        .get("parley_forward_streams_opened_total")
+        .copied()
+        .unwrap_or(0.0);
+    assert!(streams >= 2.0, "{streams} streams opened by node {via}");
+
+    let texts = |node: usize| -> Vec<String> {
+        support::history(&c.nodes[node], &alice, "frozen")
+            .iter()
+            .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the later sends reach node {via}",
+        || texts(via).iter().filter(|t| t.starts_with('b')).count() == 5,
+    );
+    let history = texts(via);
+    for i in 0..5 {
+        for p in ["a", "b"] {
+            let t = format!("{p}{i}");
+            assert_eq!(history.iter().filter(|h| **h == t).count(), 1, "{t}");
+        }
+    }
+    let times = history.iter().filter(|h| *h == "during").count();
+    assert!(times <= 1, "the unanswered send appears {times} times");
+    for node in 0..3 {
+        eventually(Duration::from_secs(30), "identical histories", || {
+            texts(node) == history
+        });
+    }
+}

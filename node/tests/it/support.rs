@@ -86,6 +86,26 @@ impl Node {
         }
     }
 
+    /// SIGSTOP: the process keeps its sockets open and answers nothing until
+    /// [`Node::resume`] (a kill during the pause still works).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Node::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let Some(pid) = self.pid() else { return };
+        let st = Command::new("kill").args([sig, &pid.to_string()]).status();
+        assert!(
+            matches!(st, Ok(s) if s.success()),
+            "kill {sig} {pid}: {st:?}"
+        );
+    }
+
     /// SIGTERM (a clean shutdown that flushes the store), waiting up to 20 s for the
     /// exit; SIGKILL past that.
     pub fn stop(&mut self) {
