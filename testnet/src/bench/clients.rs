@@ -367,10 +367,13 @@ pub async fn run(
         }
     }
     let expected: u64 = acked.iter().map(|(_, r)| per_room[*r as usize]).sum();
-    let drain_until = Instant::now() + args.drain;
-    while shared.live.delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    super::drain(
+        &shared.live.delivered,
+        expected,
+        probe_errors > 0,
+        args.drain,
+    )
+    .await;
     let _ = stop_tx.send(true);
     pb.finish_and_clear();
     for t in warm {

@@ -693,15 +693,12 @@ async fn bench(
         unsent += log.unsent;
         sender_timeline.merge(&log.timeline);
     }
-    let sends_done = Instant::now();
 
     // ---- drain ----
     pb.set_message("draining");
     let expected = acked.len() as u64 * args.subscribers_per_room as u64;
-    let drain_until = sends_done + args.drain;
-    while shared.live.delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let uncertain = !errors_by_code.is_empty();
+    drain(&shared.live.delivered, expected, uncertain, args.drain).await;
     let _ = stop_tx.send(true);
     let _ = ticker.await;
     pb.finish_and_clear();
@@ -807,11 +804,86 @@ async fn bench(
     })
 }
 
+/// How long deliveries must stay still before a drain that cannot trust its count ends.
+const DRAIN_QUIET: Duration = Duration::from_secs(2);
+
+/// Waits until the subscribers have `expected` deliveries, or for `within`. The live count
+/// also holds deliveries of sends that failed but were written (an error that says
+/// "may have been written"), so when any send failed (`uncertain`) reaching the count
+/// proves nothing: the drain then also waits for deliveries to stop arriving for
+/// [`DRAIN_QUIET`], and the check afterwards compares the acknowledged sends one by one.
+pub(crate) async fn drain(
+    delivered: &std::sync::atomic::AtomicU64,
+    expected: u64,
+    uncertain: bool,
+    within: Duration,
+) {
+    use tokio::time::Instant;
+    let until = Instant::now() + within;
+    let mut last = (delivered.load(Ordering::Relaxed), Instant::now());
+    while Instant::now() < until {
+        let now = delivered.load(Ordering::Relaxed);
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        if now >= expected && (!uncertain || last.1.elapsed() >= DRAIN_QUIET) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use clap::Parser;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_ends_at_the_count_unless_failed_sends_may_inflate_it() {
+        use std::sync::atomic::AtomicU64;
+        use tokio::time::Instant;
+        let within = Duration::from_secs(60);
+
+        // No send failed: the count is exact, so reaching it ends the drain.
+        let delivered = Arc::new(AtomicU64::new(10));
+        let t = Instant::now();
+        drain(&delivered, 10, false, within).await;
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            t.elapsed()
+        );
+
+        // Some failed: deliveries still arriving keep it going until they stop.
+        let late = {
+            let delivered = delivered.clone();
+            tokio::spawn(async move {
+                for _ in 0..10 {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let t = Instant::now();
+        drain(&delivered, 10, true, within).await;
+        let waited = t.elapsed();
+        late.await.unwrap();
+        assert_eq!(delivered.load(Ordering::Relaxed), 20);
+        assert!(
+            waited >= Duration::from_secs(5) + DRAIN_QUIET && waited < Duration::from_secs(8),
+            "{waited:?}"
+        );
+
+        // Never reached: it gives up at its bound.
+        let t = Instant::now();
+        drain(&delivered, 100, false, Duration::from_secs(3)).await;
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_secs(3) && waited < Duration::from_secs(4),
+            "{waited:?}"
+        );
+    }
 
     #[derive(Parser, Debug)]
     struct Cli {
