@@ -73,6 +73,10 @@ pub struct Config {
     pub commit_linger: Option<Duration>,
     /// Hand partition leaderships over to their preferred nodes (`consensus::balance`).
     pub balance_leaders: bool,
+    /// Sends this node writes at once; more wait for a place (`api::admission`)...
+    pub max_sends_in_progress: usize,
+    /// ...for at most this long.
+    pub admission_wait: Duration,
 }
 
 impl Config {
@@ -96,6 +100,8 @@ impl Config {
             chunk_entries: 0,
             commit_linger: None,
             balance_leaders: true,
+            max_sends_in_progress: crate::api::admission::DEFAULT_LIMIT,
+            admission_wait: crate::api::admission::ADMIT_WAIT,
         }
     }
 }
@@ -245,6 +251,10 @@ pub async fn run(
         discovery: discovery.clone(),
         forward_channels: Default::default(),
         forward_lanes: Default::default(),
+        admission: crate::api::admission::Admission::new(
+            config.max_sends_in_progress,
+            config.admission_wait,
+        ),
         stopping: stop_rx.clone(),
         metrics: Default::default(),
         db: db.clone(),

@@ -110,6 +110,31 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> String {
         "counter",
         failed,
     );
+    let a = &ctx.admission;
+    line(
+        "parley_sends_in_progress",
+        "Sends this node is writing now (at most parley_sends_in_progress_limit).",
+        "gauge",
+        a.in_progress() as u64,
+    );
+    line(
+        "parley_sends_in_progress_limit",
+        "Sends this node writes at once (--max-sends-in-progress).",
+        "gauge",
+        a.limit() as u64,
+    );
+    line(
+        "parley_sends_waited_total",
+        "Sends that waited for a place to be written.",
+        "counter",
+        a.waited.load(Relaxed),
+    );
+    line(
+        "parley_sends_refused_busy_total",
+        "Sends refused because no place came free within the admission wait (nothing written).",
+        "counter",
+        a.refused.load(Relaxed),
+    );
     let f = &ctx.forward_lanes.stats;
     line(
         "parley_sends_forwarded_total",

@@ -60,6 +60,9 @@ async fn append(
             other => return other,
         }
     }
+    // A place to write it first (admission.rs): the checks below judge the room as it
+    // is when the write is made, not before a wait.
+    let _place = ctx.admission.admit().await?;
     // The fence first, then the membership check it covers (see fence.rs).
     let fence = fence::stamp(ctx, room, w).await?;
     ctx.require_member(room, user).await?;

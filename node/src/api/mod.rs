@@ -33,6 +33,7 @@ use crate::replication::markers::Markers;
 use crate::replication::presence::Presence;
 use crate::replication::Timelines;
 
+pub mod admission;
 pub mod auth;
 mod cluster;
 pub mod error;
@@ -101,6 +102,8 @@ pub struct Ctx {
         std::sync::Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
     /// Streams to other nodes that carry the sends forwarded to them (`forward.rs`).
     pub forward_lanes: forward::ForwardLanes,
+    /// How many sends this node writes at once (`admission.rs`).
+    pub admission: admission::Admission,
     /// Turns true when the node starts shutting down: long-lived streams between nodes
     /// end then, so the server's graceful shutdown does not wait on them.
     pub stopping: tokio::sync::watch::Receiver<bool>,

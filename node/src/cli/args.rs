@@ -274,6 +274,21 @@ pub struct ServeArgs {
         value_name = "MICROS"
     )]
     pub timeline_commit_linger_us: Option<u64>,
+    /// Sends this node writes at once (as a room's home); more wait, in order, for up
+    /// to 3 s and are then refused UNAVAILABLE with nothing written. Keeps an
+    /// overloaded node's queues, and so its heartbeats and leases, in bounds.
+    #[arg(
+        long,
+        default_value_t = crate::api::admission::DEFAULT_LIMIT as u32,
+        env = "PARLEY_MAX_SENDS_IN_PROGRESS",
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000)
+    )]
+    pub max_sends_in_progress: u32,
+    /// Tests: how long a send waits for a place before it is refused, in milliseconds
+    /// (0 = default 3000).
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub admission_wait_ms: u64,
     /// Tests: the delivery resume window in milliseconds (0 = default 60000); every node
     /// of a cluster must use the same.
     #[arg(long, default_value_t = 0, hide = true)]

@@ -986,3 +986,97 @@ async fn a_forward_to_a_paused_home_breaks_on_its_keepalive() {
         });
     }
 }
+
+/// A node writes at most `--max-sends-in-progress` sends at once; one more waits for a
+/// place and, if none comes free in time, is refused UNAVAILABLE with nothing written,
+/// and never appears. Here the limit is 1 and the one place is held by a W=2 send
+/// whose replicas are paused (it waits out its quorum timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_past_the_admission_limit_waits_then_is_refused_unwritten() {
+    let c = tokio::task::spawn_blocking(|| {
+        Cluster::start_with(
+            3,
+            &["--max-sends-in-progress", "1", "--admission-wait-ms", "300"],
+        )
+    })
+    .await
+    .unwrap();
+    let alice = support::user(&c.nodes[0], "alice");
+    let mut on_0 = c.nodes[0].client(Some(&alice)).await;
+    let room = on_0
+        .create_room(pb::CreateRoomRequest {
+            name: "gate".into(),
+            write_quorum: 0,
+        })
+        .await
+        .expect("room created")
+        .into_inner()
+        .id;
+    let home = home_of(&c, &room).await;
+    let mut client = c.nodes[home].client(Some(&alice)).await;
+    send(&mut client, "gate", "before")
+        .await
+        .expect("a send with the replicas up");
+    let m = support::metrics(&c.nodes[home]);
+    assert_eq!(m.get("parley_sends_in_progress_limit"), Some(&1.0));
+    assert_eq!(m.get("parley_sends_in_progress"), Some(&0.0));
+
+    // The home's two replicas stop answering: its next send holds the one place until
+    // its quorum wait (3 s) is over.
+    let others: Vec<usize> = (0..3).filter(|i| *i != home).collect();
+    for i in &others {
+        c.nodes[*i].pause();
+    }
+    let mut first_client = c.nodes[home].client(Some(&alice)).await;
+    let first = tokio::spawn(async move { send(&mut first_client, "gate", "held").await });
+    eventually(
+        Duration::from_secs(2),
+        "the first send holds the place",
+        || support::metrics(&c.nodes[home]).get("parley_sends_in_progress") == Some(&1.0),
+    );
+    let second = send(&mut client, "gate", "refused").await;
+    let first = first.await.expect("first send task");
+    for i in &others {
+        c.nodes[*i].resume();
+    }
+    let err = second.expect_err("no place came free in time");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("busy") && err.message().contains("nothing was written"),
+        "{err:?}"
+    );
+    assert!(
+        first.is_err(),
+        "the held send could not reach its quorum: {first:?}"
+    );
+    let m = support::metrics(&c.nodes[home]);
+    assert_eq!(m.get("parley_sends_refused_busy_total"), Some(&1.0));
+    assert!(m.get("parley_sends_waited_total").copied().unwrap_or(0.0) >= 1.0);
+
+    // Later sends go through, and the refused one is nowhere.
+    let c = tokio::task::spawn_blocking(move || {
+        support::wait_balanced(&c.nodes[0]);
+        c
+    })
+    .await
+    .unwrap();
+    let mut client = c.nodes[0].client(Some(&alice)).await;
+    send(&mut client, "gate", "after")
+        .await
+        .expect("a send once the replicas are back");
+    for node in 0..3 {
+        eventually(Duration::from_secs(30), "the later send everywhere", || {
+            support::history(&c.nodes[node], &alice, "gate")
+                .iter()
+                .any(|m| m["text"] == "after")
+        });
+        let texts: Vec<String> = support::history(&c.nodes[node], &alice, "gate")
+            .iter()
+            .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+            .collect();
+        assert!(
+            !texts.iter().any(|t| t == "refused"),
+            "node {node}: {texts:?}"
+        );
+    }
+}
