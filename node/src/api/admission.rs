@@ -4,11 +4,12 @@
 //! faster; it gets later. Every admitted send is a task holding a room lock, a place in
 //! the commit round, a push to the replicas and a waiter on the flush, and the runtime
 //! runs Raft's heartbeats among them: with thousands in progress the heartbeats come
-//! late, the home's lease lapses, and sends are refused for that instead (BENCHMARKS §4,
+//! late, the home's lease lapses, and sends are refused for that instead (BENCHMARKS §3,
 //! 128 in flight per sender). So a node writes at most `limit` sends at once. A send
-//! past the limit waits, costing nothing but its place in line, until one finishes; if
-//! none finishes within [`ADMIT_WAIT`] (configurable) it is refused `UNAVAILABLE`, nothing written,
-//! which a client may retry. Sends wait in arrival order.
+//! past the limit waits, costing nothing but its place in line, until one finishes;
+//! if none finishes within the wait ([`ADMIT_WAIT`] unless configured) it is refused
+//! `UNAVAILABLE`, nothing written, which a client may retry. Sends wait in arrival
+//! order.
 //!
 //! The gate is where the write is made (the room's home, or the receiving node of a
 //! W=1 room whose home is unreachable), after routing: a node that only forwards holds
