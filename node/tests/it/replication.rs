@@ -777,6 +777,22 @@ async fn home_of(c: &Cluster, room_id: &str) -> usize {
     (leader - 1) as usize
 }
 
+/// Creates room `name` (through node 0, as `token`) and finds its home's index.
+async fn room_and_home(c: &Cluster, token: &str, name: &str) -> (String, usize) {
+    let mut on_0 = c.nodes[0].client(Some(token)).await;
+    let room = on_0
+        .create_room(pb::CreateRoomRequest {
+            name: name.into(),
+            write_quorum: 0,
+        })
+        .await
+        .expect("room created")
+        .into_inner()
+        .id;
+    let home = home_of(c, &room).await;
+    (room, home)
+}
+
 /// Sends forwarded on a `ForwardSends` stream whose home is killed while they are in
 /// flight keep the promise of their answer: one acknowledged is in the history, one
 /// refused as "nothing was written" never appears; other errors may go either way.
@@ -788,17 +804,7 @@ async fn forwarded_sends_keep_their_answers_when_the_home_dies() {
         .await
         .unwrap();
     let alice = support::user(&c.nodes[0], "alice");
-    let mut on_0 = c.nodes[0].client(Some(&alice)).await;
-    let room = on_0
-        .create_room(pb::CreateRoomRequest {
-            name: "relay".into(),
-            write_quorum: 0,
-        })
-        .await
-        .expect("room created")
-        .into_inner()
-        .id;
-    let home = home_of(&c, &room).await;
+    let (room, home) = room_and_home(&c, &alice, "relay").await;
     let via = (home + 1) % 3;
     let mut client = c.nodes[via].client(Some(&alice)).await;
 
@@ -908,17 +914,7 @@ async fn a_forward_to_a_paused_home_breaks_on_its_keepalive() {
         .await
         .unwrap();
     let alice = support::user(&c.nodes[0], "alice");
-    let mut on_0 = c.nodes[0].client(Some(&alice)).await;
-    let room = on_0
-        .create_room(pb::CreateRoomRequest {
-            name: "frozen".into(),
-            write_quorum: 0,
-        })
-        .await
-        .expect("room created")
-        .into_inner()
-        .id;
-    let home = home_of(&c, &room).await;
+    let (_, home) = room_and_home(&c, &alice, "frozen").await;
     let via = (home + 1) % 3;
     let mut client = c.nodes[via].client(Some(&alice)).await;
     for i in 0..5 {
@@ -1002,17 +998,7 @@ async fn a_send_past_the_admission_limit_waits_then_is_refused_unwritten() {
     .await
     .unwrap();
     let alice = support::user(&c.nodes[0], "alice");
-    let mut on_0 = c.nodes[0].client(Some(&alice)).await;
-    let room = on_0
-        .create_room(pb::CreateRoomRequest {
-            name: "gate".into(),
-            write_quorum: 0,
-        })
-        .await
-        .expect("room created")
-        .into_inner()
-        .id;
-    let home = home_of(&c, &room).await;
+    let (_, home) = room_and_home(&c, &alice, "gate").await;
     let mut client = c.nodes[home].client(Some(&alice)).await;
     send(&mut client, "gate", "before")
         .await
