@@ -17,6 +17,22 @@ fn ids(node: &Node, token: &str, room: &str) -> Vec<String> {
         .collect()
 }
 
+/// Message texts of a room's history as `node` has it.
+fn texts(node: &Node, token: &str, room: &str) -> Vec<String> {
+    support::history(node, token, room)
+        .iter()
+        .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// `ForwardSends` streams `node` has opened.
+fn forward_streams_opened(node: &Node) -> f64 {
+    support::metrics(node)
+        .get("parley_forward_streams_opened_total")
+        .copied()
+        .unwrap_or(0.0)
+}
+
 /// Polls `cond` every 200 ms until it holds or `within` passes.
 fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -721,12 +737,7 @@ async fn replicas_refuse_pushes_from_a_stale_home_or_a_banned_author() {
         term: Some(term),
         authors: vec![sender.into()],
     };
-    let texts = |node: &Node| -> Vec<String> {
-        support::history(node, &alice, "fenced")
-            .iter()
-            .map(|m| m["text"].as_str().unwrap_or_default().to_string())
-            .collect()
-    };
+    let texts = |node: &Node| texts(node, &alice, "fenced");
 
     // A home from an older term: refused before anything is applied.
     let err = peer
@@ -853,19 +864,11 @@ async fn forwarded_sends_keep_their_answers_when_the_home_dies() {
             .await
             .expect("a send forwarded to the restarted home");
     }
-    let streams = support::metrics(&c.nodes[via])
-        .get("parley_forward_streams_opened_total")
-        .copied()
-        .unwrap_or(0.0);
+    let streams = forward_streams_opened(&c.nodes[via]);
     assert!(streams >= 2.0, "{streams} streams opened by node {via}");
 
     // Every node ends with the same history, and it keeps every answer's promise.
-    let texts = |node: usize| -> Vec<String> {
-        support::history(&c.nodes[node], &alice, "relay")
-            .iter()
-            .map(|m| m["text"].as_str().unwrap_or_default().to_string())
-            .collect()
-    };
+    let texts = |node: usize| texts(&c.nodes[node], &alice, "relay");
     for node in 0..3 {
         eventually(
             Duration::from_secs(30),
@@ -950,18 +953,10 @@ async fn a_forward_to_a_paused_home_breaks_on_its_keepalive() {
             .await
             .expect("a send forwarded after the pause");
     }
-    let streams = support::metrics(&c.nodes[via])
-        .get("parley_forward_streams_opened_total")
-        .copied()
-        .unwrap_or(0.0);
+    let streams = forward_streams_opened(&c.nodes[via]);
     assert!(streams >= 2.0, "{streams} streams opened by node {via}");
 
-    let texts = |node: usize| -> Vec<String> {
-        support::history(&c.nodes[node], &alice, "frozen")
-            .iter()
-            .map(|m| m["text"].as_str().unwrap_or_default().to_string())
-            .collect()
-    };
+    let texts = |node: usize| texts(&c.nodes[node], &alice, "frozen");
     eventually(
         Duration::from_secs(30),
         "the later sends reach node {via}",
@@ -1056,10 +1051,7 @@ async fn a_send_past_the_admission_limit_waits_then_is_refused_unwritten() {
                 .iter()
                 .any(|m| m["text"] == "after")
         });
-        let texts: Vec<String> = support::history(&c.nodes[node], &alice, "gate")
-            .iter()
-            .map(|m| m["text"].as_str().unwrap_or_default().to_string())
-            .collect();
+        let texts = texts(&c.nodes[node], &alice, "gate");
         assert!(
             !texts.iter().any(|t| t == "refused"),
             "node {node}: {texts:?}"
