@@ -370,7 +370,7 @@ pub(super) fn load_changes(doc: &mut AutoCommit, saves: &[Vec<u8>]) -> Result<()
             // A whole document or a bundle among them: the general path.
             None => {
                 let data = saves.concat();
-                check_changes(&data)?;
+                check_in_scratch(&data)?;
                 return doc
                     .load_incremental(&data)
                     .map(drop)
@@ -396,6 +396,12 @@ pub(super) fn check_changes(data: &[u8]) -> Result<(), String> {
     if parse_change_run(data)?.is_some() {
         return Ok(());
     }
+    check_in_scratch(data)
+}
+
+/// Whether `data` parses whole into a scratch document (see [`check_changes`]); for
+/// runs known to hold more than changes.
+fn check_in_scratch(data: &[u8]) -> Result<(), String> {
     let strict = automerge::LoadOptions::new().on_partial_load(automerge::OnPartialLoad::Error);
     match automerge::Automerge::load_with_options(data, strict) {
         Ok(_) | Err(automerge::AutomergeError::MissingDeps) => Ok(()),
