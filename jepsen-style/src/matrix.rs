@@ -161,19 +161,16 @@ pub fn build(events: &[Event], verdicts: &[Verdict]) -> BTreeMap<String, Row> {
         .collect();
     for v in verdicts {
         for an in &v.anomalies {
-            // Under a fault if any of its events is; no fault only if all are.
+            // The faults any of its events lies under; else recovery if one lies in a
+            // recovery period; else no fault.
             let mut hit: BTreeSet<&str> = BTreeSet::new();
             for t in an.events.iter().filter_map(|i| time_of.get(i)) {
                 hit.extend(faults_at(*t));
             }
-            if hit.len() > 1 {
-                hit.remove(NO_FAULT);
-            }
-            if hit.len() > 1 && hit.iter().any(|n| *n != RECOVERY) {
-                hit.remove(RECOVERY);
-            }
+            let healing = hit.remove(RECOVERY);
+            hit.remove(NO_FAULT);
             if hit.is_empty() {
-                hit.insert(NO_FAULT);
+                hit.insert(if healing { RECOVERY } else { NO_FAULT });
             }
             for name in hit {
                 let row = rows.entry(name.to_string()).or_default();
