@@ -959,7 +959,7 @@ async fn a_forward_to_a_paused_home_breaks_on_its_keepalive() {
     let texts = |node: usize| texts(&c.nodes[node], &alice, "frozen");
     eventually(
         Duration::from_secs(30),
-        "the later sends reach node {via}",
+        "the later sends reach the forwarding node",
         || texts(via).iter().filter(|t| t.starts_with('b')).count() == 5,
     );
     let history = texts(via);
