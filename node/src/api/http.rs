@@ -97,6 +97,19 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> String {
         "gauge",
         led as u64,
     );
+    line(
+        "parley_raft_terms_total",
+        "Sum of the current Raft terms of this node's groups: it grows by one per election.",
+        "counter",
+        ctx.groups.terms_sum(),
+    );
+    line(
+        "parley_raft_leadership_checks_missed_total",
+        "Heartbeats confirming this node's leadership that a peer did not answer in time \
+         (openraft logs each at ERROR; this node counts them instead).",
+        "counter",
+        crate::consensus::raft_log::leadership_checks_missed(),
+    );
     let (done, failed) = ctx.groups.handovers();
     line(
         "parley_leader_handovers_total",

@@ -260,6 +260,42 @@ pub(super) struct Inner {
     pub(super) groups: BTreeMap<GroupId, Group>,
     pub(super) peers: Peers,
     pub(super) handovers: super::balance::HandoverStats,
+    /// Where the groups' Raft cores, their connections and their lease trackers run.
+    /// Last, so the groups are dropped before it.
+    _runtime: RaftRuntime,
+}
+
+/// A runtime of Raft's own: one worker thread for every group's core, its heartbeats,
+/// elections and connections to peers. On the node's main runtime, with thousands of
+/// sends in progress, a heartbeat waited behind all of them; leases lapsed and elections
+/// started under load (BENCHMARKS §3, "Raft on a runtime of its own"). The operating
+/// system shares the cores fairly between threads, so a thread of its own gets a
+/// heartbeat out on time however long the main runtime's queue is.
+struct RaftRuntime(Option<tokio::runtime::Runtime>);
+
+impl RaftRuntime {
+    fn new() -> Result<Self, ConsensusError> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("parley-raft")
+            .enable_all()
+            .build()
+            .map(|rt| Self(Some(rt)))
+            .map_err(|e| ConsensusError::Fatal(format!("starting Raft's runtime: {e}")))
+    }
+
+    fn handle(&self) -> Option<tokio::runtime::Handle> {
+        self.0.as_ref().map(|rt| rt.handle().clone())
+    }
+}
+
+impl Drop for RaftRuntime {
+    /// Dropping a runtime waits for its threads, which an async context may not do.
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// This node's Raft groups. Cheap to clone; clones share the groups.
@@ -392,7 +428,11 @@ impl Groups {
         tuning: Tuning,
     ) -> Result<Self, ConsensusError> {
         let config = Arc::new(tuning.raft_config()?);
-        let peers = Peers::new(node.0);
+        let runtime = RaftRuntime::new()?;
+        let Some(rt) = runtime.handle() else {
+            return Err(ConsensusError::Fatal("Raft's runtime is gone".to_owned()));
+        };
+        let peers = Peers::new(node.0).on_runtime(rt.clone());
         let mut groups = BTreeMap::new();
         for gid in plan.groups_of(node.0) {
             let tree = db.tree(&format!("raft-{gid}")).map_err(storage_err)?;
@@ -402,8 +442,11 @@ impl Groups {
                 StateMachine::open(gid, db.clone(), tree, events.clone()).map_err(storage_err)?;
             let state = sm.state();
             let network = NetworkFactory::new(gid, peers.clone());
-            let raft = Raft::new(node.0, config.clone(), network, log, sm)
+            // Made on Raft's runtime, so that the core and every task it spawns run there.
+            let raft = rt
+                .spawn(Raft::new(node.0, config.clone(), network, log, sm))
                 .await
+                .map_err(|e| ConsensusError::Fatal(format!("starting group {gid}: {e}")))?
                 .map_err(fatal_err)?;
             if fresh {
                 match raft.initialize(plan.membership(gid)).await {
@@ -417,7 +460,7 @@ impl Groups {
                 }
             }
             let quorum_acked = Arc::new(std::sync::Mutex::new(None));
-            tokio::spawn(track_quorum_ack(raft.clone(), quorum_acked.clone()));
+            rt.spawn(track_quorum_ack(raft.clone(), quorum_acked.clone()));
             groups.insert(
                 gid,
                 Group {
@@ -437,6 +480,7 @@ impl Groups {
                 groups,
                 peers,
                 handovers: Default::default(),
+                _runtime: runtime,
             }),
         })
     }
@@ -708,6 +752,16 @@ impl Groups {
             .is_some_and(|g| self.inner.peers.quorum_reachable(&g.voters()))
     }
 
+    /// The sum of this node's groups' current terms. Terms only grow, each election by
+    /// one, so its growth over a while counts the elections this node's groups saw.
+    pub fn terms_sum(&self) -> u64 {
+        self.inner
+            .groups
+            .values()
+            .map(|g| g.raft.metrics().borrow().current_term)
+            .sum()
+    }
+
     /// This node's current term of group `gid` (`None` without a local replica).
     pub fn current_term(&self, gid: GroupId) -> Option<u64> {
         self.inner
@@ -841,6 +895,35 @@ mod tests {
             token_hash: [7; 32],
             at: 1,
         }
+    }
+
+    /// Raft runs on a runtime of its own: with the runtime that opened the groups not
+    /// running at all (a current-thread runtime outside `block_on` polls nothing), a
+    /// leadership check still completes. On the caller's runtime it could not start.
+    #[test]
+    fn raft_runs_while_the_runtime_that_opened_it_is_stalled() {
+        let rt = |name: &str| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .thread_name(name)
+                .build()
+                .unwrap()
+        };
+        let opener = rt("opener");
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, _rx) = broadcast::channel(64);
+        let (_db, groups) = opener.block_on(async {
+            let db = open_db(dir.path()).await;
+            let groups = Groups::open(&db, ME, addr(), 2, tx).await.unwrap();
+            (db, groups)
+        });
+        // `opener` is stalled from here on; another runtime asks.
+        let other = rt("other");
+        let p = PartitionId(1);
+        let started = std::time::Instant::now();
+        assert!(other.block_on(groups.renew_lease(p, Duration::from_secs(2))));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(groups.leader_of(p) == Some(ME.0));
     }
 
     /// `leader_within` answers at once when a leader is known, waits for one elected

@@ -18,6 +18,7 @@ pub mod groups;
 pub mod log_store;
 pub mod network;
 pub mod peers;
+pub mod raft_log;
 pub mod routing;
 pub mod state;
 pub mod state_machine;

@@ -9,6 +9,9 @@
 //! - [`Faults`] is consulted before every outgoing call; a blocked link fails at once as
 //!   unreachable, exactly like a peer that refuses connections. An empty `Faults` (the
 //!   production case) blocks nothing.
+//! - Channels are made on the runtime [`Peers::on_runtime`] names, if any: a channel's
+//!   connection task runs where the channel was made, so Raft's connections run on Raft's
+//!   own runtime however busy the node's main runtime is.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -90,6 +93,8 @@ pub struct Peers {
     me: u64,
     faults: Faults,
     map: Arc<Mutex<HashMap<u64, Peer>>>,
+    /// Where channels' connection tasks run; the caller's runtime if `None`.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Peers {
@@ -98,6 +103,15 @@ impl Peers {
             me,
             faults: Faults::default(),
             map: Arc::default(),
+            runtime: None,
+        }
+    }
+
+    /// These peers with their channels made (and their connections driven) on `runtime`.
+    pub fn on_runtime(self, runtime: tokio::runtime::Handle) -> Self {
+        Self {
+            runtime: Some(runtime),
+            ..self
         }
     }
 
@@ -122,6 +136,7 @@ impl Peers {
             addr: addr.to_owned(),
             reason,
         };
+        let _on = self.runtime.as_ref().map(|r| r.enter());
         let channel = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| bad(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
