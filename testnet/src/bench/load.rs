@@ -178,6 +178,50 @@ pub struct SenderLog {
     pub timeline: Timeline,
 }
 
+/// How a closed-loop sender backs off after a refusal (`UNAVAILABLE`: the node is busy
+/// or the room's partition has no leader right now; nothing was written). A client that
+/// sends the next message at once only adds to the load that got it refused. The pause
+/// doubles with each refusal in a row, from [`Backoff::FIRST`] up to [`Backoff::MAX`],
+/// and a success ends it. Open-loop runs keep their schedule and do not back off.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+    until: Option<Instant>,
+}
+
+impl Backoff {
+    pub const FIRST: Duration = Duration::from_millis(10);
+    pub const MAX: Duration = Duration::from_millis(640);
+
+    pub fn new() -> Self {
+        Self {
+            next: Self::FIRST,
+            until: None,
+        }
+    }
+
+    /// A send failed with `code` at `now`: refusals start (or lengthen) a pause.
+    pub fn failed(&mut self, code: &str, now: Instant) {
+        if code != "Unavailable" {
+            return;
+        }
+        let until = now + self.next;
+        self.until = Some(self.until.map_or(until, |u| u.max(until)));
+        self.next = (self.next * 2).min(Self::MAX);
+    }
+
+    /// A send succeeded: the next one need not wait.
+    pub fn succeeded(&mut self) {
+        self.next = Self::FIRST;
+        self.until = None;
+    }
+
+    /// Until when the next send waits, if it does at `now`.
+    pub fn pause_at(&self, now: Instant) -> Option<Instant> {
+        self.until.filter(|u| *u > now)
+    }
+}
+
 /// Stamp key, room, send time, and the error code and message if it failed.
 type SendOutcome = (u64, u32, u64, Result<(), (String, String)>);
 
@@ -193,24 +237,28 @@ pub async fn sender(plan: SenderPlan, shared: Arc<Shared>) -> SenderLog {
         timeline: Timeline::default(),
     };
     let mut pending = FuturesUnordered::new();
-    let on_done = |log: &mut SenderLog, (key, room, due_us, res): SendOutcome| {
-        let now = clock.now_us();
-        match res {
-            Ok(()) => {
-                record(&mut log.ack, now.saturating_sub(due_us));
-                log.acked.push((key, room));
-                log.timeline.add_acked(now.saturating_sub(origin));
-                shared.live.acked.fetch_add(1, Ordering::Relaxed);
-                shared.live.last_ack_us.fetch_max(now, Ordering::Relaxed);
+    let mut backoff = Backoff::new();
+    let on_done =
+        |log: &mut SenderLog, backoff: &mut Backoff, (key, room, due_us, res): SendOutcome| {
+            let now = clock.now_us();
+            match res {
+                Ok(()) => {
+                    backoff.succeeded();
+                    record(&mut log.ack, now.saturating_sub(due_us));
+                    log.acked.push((key, room));
+                    log.timeline.add_acked(now.saturating_sub(origin));
+                    shared.live.acked.fetch_add(1, Ordering::Relaxed);
+                    shared.live.last_ack_us.fetch_max(now, Ordering::Relaxed);
+                }
+                Err((code, message)) => {
+                    backoff.failed(&code, Instant::now());
+                    log.error_samples.entry(code.clone()).or_insert(message);
+                    *log.errors.entry(code).or_default() += 1;
+                    log.timeline.add_error(now.saturating_sub(origin));
+                    shared.live.errors.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            Err((code, message)) => {
-                log.error_samples.entry(code.clone()).or_insert(message);
-                *log.errors.entry(code).or_default() += 1;
-                log.timeline.add_error(now.saturating_sub(origin));
-                shared.live.errors.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    };
+        };
     let mut j: u64 = 0;
     while j < plan.quota {
         let due = match plan.pace {
@@ -225,17 +273,32 @@ pub async fn sender(plan: SenderPlan, shared: Arc<Shared>) -> SenderLog {
                     }
                     tokio::select! {
                         biased;
-                        Some(done) = pending.next() => on_done(&mut log, done),
+                        Some(done) = pending.next() => on_done(&mut log, &mut backoff, done),
                         _ = tokio::time::sleep_until(due_tokio) => break,
                     }
                 }
                 due
             }
-            None => Instant::now(),
+            None => {
+                // Collect acks while backing off; a success ends the pause early.
+                while let Some(until) = backoff.pause_at(Instant::now()) {
+                    let until = tokio::time::Instant::from_std(until);
+                    if pending.is_empty() {
+                        tokio::time::sleep_until(until).await;
+                        continue;
+                    }
+                    tokio::select! {
+                        biased;
+                        Some(done) = pending.next() => on_done(&mut log, &mut backoff, done),
+                        _ = tokio::time::sleep_until(until) => {}
+                    }
+                }
+                Instant::now()
+            }
         };
         while pending.len() >= plan.inflight.max(1) {
             match pending.next().await {
-                Some(done) => on_done(&mut log, done),
+                Some(done) => on_done(&mut log, &mut backoff, done),
                 None => break,
             }
         }
@@ -277,7 +340,48 @@ pub async fn sender(plan: SenderPlan, shared: Arc<Shared>) -> SenderLog {
     }
     // Every call in flight has its own deadline, so this ends.
     while let Some(done) = pending.next().await {
-        on_done(&mut log, done);
+        on_done(&mut log, &mut backoff, done);
     }
     log
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_double_the_pause_up_to_its_cap_and_a_success_ends_it() {
+        let t0 = Instant::now();
+        let mut b = Backoff::new();
+        assert_eq!(b.pause_at(t0), None);
+        // Timeouts and other failures may have written: no pause for them.
+        b.failed("DeadlineExceeded", t0);
+        assert_eq!(b.pause_at(t0), None);
+        b.failed("Unavailable", t0);
+        assert_eq!(b.pause_at(t0), Some(t0 + Backoff::FIRST));
+        b.failed("Unavailable", t0);
+        assert_eq!(b.pause_at(t0), Some(t0 + Backoff::FIRST * 2));
+        for _ in 0..20 {
+            b.failed("Unavailable", t0);
+        }
+        assert_eq!(b.pause_at(t0), Some(t0 + Backoff::MAX));
+        // A pause over is no pause, and a success restarts from the first step.
+        assert_eq!(b.pause_at(t0 + Backoff::MAX), None);
+        b.succeeded();
+        assert_eq!(b.pause_at(t0), None);
+        b.failed("Unavailable", t0);
+        assert_eq!(b.pause_at(t0), Some(t0 + Backoff::FIRST));
+    }
+
+    #[test]
+    fn an_earlier_refusal_answered_late_does_not_shorten_a_pause() {
+        let t0 = Instant::now();
+        let mut c = Backoff::new();
+        c.failed("Unavailable", t0 + Duration::from_secs(1));
+        c.failed("Unavailable", t0);
+        assert_eq!(
+            c.pause_at(t0),
+            Some(t0 + Duration::from_secs(1) + Backoff::FIRST)
+        );
+    }
 }
