@@ -106,9 +106,16 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> String {
     line(
         "parley_raft_leadership_checks_missed_total",
         "Heartbeats confirming this node's leadership that a peer did not answer in time \
-         (openraft logs each at ERROR; this node counts them instead).",
+         (openraft's ERROR line for them is logged at most once per 10 s).",
         "counter",
         crate::consensus::raft_log::leadership_checks_missed(),
+    );
+    line(
+        "parley_raft_peer_rpcs_failed_total",
+        "Raft RPCs to peers (replication, heartbeats, vote requests) that failed or timed out \
+         (openraft's ERROR lines for them are logged at most once per 10 s per kind).",
+        "counter",
+        crate::consensus::raft_log::peer_rpcs_failed(),
     );
     let (done, failed) = ctx.groups.handovers();
     line(

@@ -68,14 +68,14 @@ fn init_tracing() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter(None)));
     // Colours only on a terminal, so log files stay plain text. `try_init` fails only
     // if a subscriber is already set, which then keeps logging.
-    // openraft's ERROR per unanswered leadership-check heartbeat is counted, not logged
-    // (`consensus::raft_log`).
+    // openraft's lines per failed RPC to a peer: at most one of a kind per 10 s, all
+    // counted (`consensus::raft_log`).
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::registry()
         .with(filter)
-        .with(crate::consensus::raft_log::QuietLeadershipChecks)
+        .with(crate::consensus::raft_log::QuietRaftPeerFailures::default())
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)

@@ -1,71 +1,159 @@
-//! What openraft logs at ERROR that is not an error here.
+//! What openraft logs at ERROR that is not an error here, and how often.
 //!
-//! A leader confirms its leadership (our lease renewal, [`super::Groups::renew_lease`],
-//! and strong reads) by a heartbeat round; openraft logs **each** peer that did not answer
-//! that round in time as `ERROR … timeout while confirming leadership for read request`.
-//! A slow or dead peer is what a quorum exists for: our callers retry the round and log
-//! what matters ("lease ran out", "no quorum") themselves. Under load, or with one node
-//! down, those lines came by the thousand a minute (BENCHMARKS §3) and buried real errors.
+//! openraft logs every failed RPC to a peer, several lines each: a heartbeat a slow
+//! follower did not answer in time is `WARN error replication to target=…`, `ERROR
+//! RPCError`, `WARN heartbeat error` and `WARN update progress error`, and while the peer
+//! stays unreachable each RPC not sent is `WARN … backoff mode: drain events without
+//! processing them`; a vote request a
+//! down peer did not answer is `ERROR while requesting vote`; and each peer that missed a
+//! heartbeat of a leadership check (our lease renewal, [`super::Groups::renew_lease`],
+//! and strong reads) is `ERROR timeout while confirming leadership for read request`.
+//! A slow or dead peer is what a quorum is for, and our callers retry and log what
+//! matters ("lease ran out", "no quorum") themselves. With a node down, or under load,
+//! those lines came by the thousand a minute (BENCHMARKS §3, FAULTS) and buried the rest.
 //!
-//! [`QuietLeadershipChecks`] is a tracing layer that drops exactly those events and
-//! counts them instead ([`leadership_checks_missed`], the metric
-//! `parley_raft_leadership_checks_missed_total`). Every other openraft event passes.
+//! [`QuietRaftPeerFailures`] is a tracing layer that lets through at most one line of
+//! each of those kinds per [`QUIET_WINDOW`] and drops the others, so the log still says
+//! that a peer is failing. It counts the leadership-check misses
+//! ([`leadership_checks_missed`], metric `parley_raft_leadership_checks_missed_total`)
+//! and the failed RPCs (`RPCError` and vote requests: [`peer_rpcs_failed`], metric
+//! `parley_raft_peer_rpcs_failed_total`), logged or not. Every other event passes,
+//! among them the same messages at other levels (a storage error on replication is
+//! logged at ERROR under the same text as the WARN above, and passes).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
 
-/// The message of the event this layer drops (openraft 0.9, `core/raft_core.rs`).
-pub const LEADERSHIP_CHECK_MISS: &str = "timeout while confirming leadership for read request";
+/// At most one line of each kind per this long.
+pub const QUIET_WINDOW: Duration = Duration::from_secs(10);
 
-static MISSED: AtomicU64 = AtomicU64::new(0);
+/// The events quieted, by level and message (openraft 0.9): an exact message, or a prefix
+/// of one whose text carries the peer.
+const KINDS: [(Level, Match); 7] = [
+    (
+        Level::ERROR,
+        Match::Is("timeout while confirming leadership for read request"),
+    ),
+    (Level::ERROR, Match::Is("RPCError")),
+    (Level::ERROR, Match::Is("while requesting vote")),
+    (Level::WARN, Match::Starts("error replication to target=")),
+    (Level::WARN, Match::Starts("heartbeat error: ")),
+    (Level::WARN, Match::Is("update progress error")),
+    (
+        Level::WARN,
+        Match::Ends(" backoff mode: drain events without processing them"),
+    ),
+];
+const LEADERSHIP_CHECK: usize = 0;
+const RPC_ERROR: usize = 1;
+const VOTE_REQUEST: usize = 2;
 
-/// Leadership-check heartbeats a peer did not answer, as openraft reported them, since
-/// this process started (counted only where [`QuietLeadershipChecks`] is installed).
-pub fn leadership_checks_missed() -> u64 {
-    MISSED.load(Ordering::Relaxed)
+#[derive(Clone, Copy)]
+enum Match {
+    Is(&'static str),
+    Starts(&'static str),
+    Ends(&'static str),
 }
 
-/// Drops openraft's ERROR per unanswered leadership-check heartbeat and counts it.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct QuietLeadershipChecks;
-
-impl<S: Subscriber> Layer<S> for QuietLeadershipChecks {
-    fn event_enabled(&self, event: &Event<'_>, _ctx: Context<'_, S>) -> bool {
-        let meta = event.metadata();
-        if *meta.level() != Level::ERROR || !meta.target().starts_with("openraft") {
-            return true;
+impl Match {
+    fn matches(self, message: &str) -> bool {
+        match self {
+            Match::Is(m) => message == m,
+            Match::Starts(m) => message.starts_with(m),
+            Match::Ends(m) => message.ends_with(m),
         }
-        let mut message = MessageIs {
-            want: LEADERSHIP_CHECK_MISS,
-            found: false,
-        };
-        event.record(&mut message);
-        if message.found {
-            MISSED.fetch_add(1, Ordering::Relaxed);
-        }
-        !message.found
     }
 }
 
-/// Whether an event's `message` field is `want`.
-struct MessageIs {
-    want: &'static str,
-    found: bool,
+static LEADERSHIP_CHECKS_MISSED: AtomicU64 = AtomicU64::new(0);
+static PEER_RPCS_FAILED: AtomicU64 = AtomicU64::new(0);
+
+/// Leadership-check heartbeats a peer did not answer, as openraft reported them, since
+/// this process started (counted only where [`QuietRaftPeerFailures`] is installed).
+pub fn leadership_checks_missed() -> u64 {
+    LEADERSHIP_CHECKS_MISSED.load(Ordering::Relaxed)
 }
 
-impl Visit for MessageIs {
+/// Raft RPCs to peers that failed (replication and heartbeats, vote requests), as
+/// openraft reported them, since this process started (where the layer is installed).
+pub fn peer_rpcs_failed() -> u64 {
+    PEER_RPCS_FAILED.load(Ordering::Relaxed)
+}
+
+/// Lets one openraft line per kind of peer failure through per [`QUIET_WINDOW`].
+#[derive(Debug, Clone)]
+pub struct QuietRaftPeerFailures {
+    origin: Instant,
+    /// Per kind: milliseconds after `origin` at which the last line went through, plus one
+    /// (0: none yet).
+    last: Arc<[AtomicU64; KINDS.len()]>,
+}
+
+impl Default for QuietRaftPeerFailures {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+            last: Arc::new(std::array::from_fn(|_| AtomicU64::new(0))),
+        }
+    }
+}
+
+impl QuietRaftPeerFailures {
+    /// Whether a line of kind `k` goes through now; at most one per window does.
+    fn admit(&self, k: usize) -> bool {
+        let now = self.origin.elapsed().as_millis() as u64 + 1;
+        let window = QUIET_WINDOW.as_millis() as u64;
+        let slot = &self.last[k];
+        let last = slot.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= window)
+            && slot
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+impl<S: Subscriber> Layer<S> for QuietRaftPeerFailures {
+    fn event_enabled(&self, event: &Event<'_>, _ctx: Context<'_, S>) -> bool {
+        let meta = event.metadata();
+        let level = *meta.level();
+        if level > Level::WARN || !meta.target().starts_with("openraft") {
+            return true;
+        }
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        let Some(k) = KINDS
+            .iter()
+            .position(|(l, m)| *l == level && m.matches(&message.0))
+        else {
+            return true;
+        };
+        match k {
+            LEADERSHIP_CHECK => LEADERSHIP_CHECKS_MISSED.fetch_add(1, Ordering::Relaxed),
+            RPC_ERROR | VOTE_REQUEST => PEER_RPCS_FAILED.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+        self.admit(k)
+    }
+}
+
+/// An event's `message` field.
+struct Message(String);
+
+impl Visit for Message {
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "message" {
-            self.found = value == self.want;
+            self.0 = value.to_owned();
         }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         if field.name() == "message" {
-            self.found = format!("{value:?}") == self.want;
+            self.0 = format!("{value:?}");
         }
     }
 }
@@ -92,35 +180,82 @@ mod tests {
     }
 
     #[test]
-    fn only_the_leadership_check_miss_is_dropped_and_it_is_counted() {
+    fn one_line_per_kind_of_peer_failure_goes_through_and_all_are_counted() {
         let out = Captured::default();
         let sink = out.clone();
-        let subscriber = tracing_subscriber::registry()
-            .with(QuietLeadershipChecks)
-            .with(tracing_subscriber::fmt::layer().with_writer(move || sink.clone()));
-        let before = leadership_checks_missed();
+        let quiet = QuietRaftPeerFailures::default();
+        let subscriber = tracing_subscriber::registry().with(quiet.clone()).with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(move || sink.clone()),
+        );
+        let (checks, rpcs) = (leadership_checks_missed(), peer_rpcs_failed());
         tracing::subscriber::with_default(subscriber, || {
-            // As openraft emits it: its own `target` field beside the log target.
-            tracing::error!(target: "openraft::core::raft_core", target = "2", error = "timeout",
-                "timeout while confirming leadership for read request");
+            for _ in 0..5 {
+                // As openraft emits them, with their own `target` fields beside the log
+                // target.
+                tracing::error!(target: "openraft::core::raft_core", target = "2", error = "timeout",
+                    "timeout while confirming leadership for read request");
+                tracing::error!(target: "openraft::replication", err = "timeout", "RPCError");
+                tracing::error!(target: "openraft::core::raft_core", error = "down", target = "3",
+                    "while requesting vote");
+                tracing::warn!(target: "openraft::replication", error = "timeout",
+                    "error replication to target={}", 2);
+                tracing::warn!(target: "openraft::engine::handler::replication_handler",
+                    "heartbeat error: {}, no update to inflight data", "timeout");
+                tracing::warn!(target: "openraft::engine::handler::replication_handler",
+                    request_id = "HeartBeat", "update progress error");
+                tracing::warn!(target: "openraft::replication",
+                    "{} backoff mode: drain events without processing them",
+                    "openraft::replication::ReplicationCore<_, _, _>::backoff_drain_events");
+            }
+            // Not quieted: another openraft ERROR, a storage error under the replication
+            // text at ERROR, the same text at another level, the same text elsewhere.
             tracing::error!(target: "openraft::core::raft_core", "fail to join task: boom");
-            tracing::warn!(target: "openraft::core::raft_core",
-                "timeout while confirming leadership for read request");
-            tracing::error!(target: "parley_node::consensus",
-                "timeout while confirming leadership for read request");
+            tracing::error!(target: "openraft::replication", error = "disk",
+                "error replication to target={}", 2);
+            tracing::info!(target: "openraft::replication", "RPCError");
+            tracing::error!(target: "parley_node::consensus", "RPCError");
         });
         let logged = String::from_utf8_lossy(&out.0.lock().unwrap()).to_string();
-        // The one event dropped; an openraft ERROR with another message, the same message
-        // at another level, and the same text from another target all pass.
-        assert_eq!(logged.lines().count(), 3, "{logged}");
-        assert!(logged.contains("fail to join task: boom"), "{logged}");
-        assert!(
-            !logged
-                .lines()
-                .any(|l| l.contains("ERROR") && l.contains("openraft") && l.contains("confirming")),
+        let count = |needle: &str| logged.lines().filter(|l| l.contains(needle)).count();
+        assert_eq!(count("confirming leadership"), 1, "{logged}");
+        assert_eq!(count("while requesting vote"), 1, "{logged}");
+        assert_eq!(count("heartbeat error"), 1, "{logged}");
+        assert_eq!(count("update progress error"), 1, "{logged}");
+        assert_eq!(count("backoff mode"), 1, "{logged}");
+        assert_eq!(
+            count("WARN openraft::replication: error replication"),
+            1,
             "{logged}"
         );
-        // Other tests may run the layer at the same time: at least this one is counted.
-        assert!(leadership_checks_missed() > before);
+        assert_eq!(
+            count("ERROR openraft::replication: error replication"),
+            1,
+            "{logged}"
+        );
+        assert_eq!(count("RPCError"), 3, "{logged}");
+        assert_eq!(count("fail to join task: boom"), 1, "{logged}");
+        assert_eq!(logged.lines().count(), 11, "{logged}");
+        // Counted whether logged or not; other tests may add to the counters meanwhile.
+        assert!(leadership_checks_missed() >= checks + 5);
+        assert!(peer_rpcs_failed() >= rpcs + 10);
+    }
+
+    #[test]
+    fn a_kind_goes_through_again_once_its_window_has_passed() {
+        // A layer made three windows ago (on the monotonic clock).
+        let quiet = QuietRaftPeerFailures {
+            origin: Instant::now().checked_sub(QUIET_WINDOW * 3).unwrap(),
+            ..Default::default()
+        };
+        assert!(quiet.admit(RPC_ERROR));
+        assert!(!quiet.admit(RPC_ERROR));
+        assert!(quiet.admit(VOTE_REQUEST));
+        // As if the last RPCError line went through when the layer was made.
+        quiet.last[RPC_ERROR].store(1, Ordering::Relaxed);
+        assert!(quiet.admit(RPC_ERROR));
+        assert!(!quiet.admit(RPC_ERROR));
+        assert!(!quiet.admit(VOTE_REQUEST));
     }
 }
