@@ -160,24 +160,10 @@ impl Visit for Message {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
     use tracing_subscriber::layer::SubscriberExt;
 
     use super::*;
-
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::test_log::Captured;
 
     #[test]
     fn one_line_per_kind_of_peer_failure_goes_through_and_all_are_counted() {
@@ -217,7 +203,7 @@ mod tests {
             tracing::info!(target: "openraft::replication", "RPCError");
             tracing::error!(target: "parley_node::consensus", "RPCError");
         });
-        let logged = String::from_utf8_lossy(&out.0.lock().unwrap()).to_string();
+        let logged = out.text();
         let count = |needle: &str| logged.lines().filter(|l| l.contains(needle)).count();
         assert_eq!(count("confirming leadership"), 1, "{logged}");
         assert_eq!(count("while requesting vote"), 1, "{logged}");

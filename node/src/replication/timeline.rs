@@ -1846,18 +1846,7 @@ mod tests {
     /// are elsewhere (every change after a room's first), and still refuses damage.
     #[test]
     fn checking_incremental_changes_logs_no_error() {
-        use std::sync::{Arc, Mutex};
-        #[derive(Clone, Default)]
-        struct Captured(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Captured {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
+        use crate::test_log::Captured;
         let r = room(12);
         let mut writer = AutoCommit::new();
         let _first = writer_change(&mut writer, &r, 1);
@@ -1872,7 +1861,7 @@ mod tests {
             assert_eq!(check_changes(&second), Ok(()));
             assert!(check_changes(&second[..second.len() - 2]).is_err());
         });
-        let logged = String::from_utf8_lossy(&out.0.lock().unwrap()).to_string();
+        let logged = out.text();
         assert!(!logged.contains("ERROR"), "{logged}");
     }
 
