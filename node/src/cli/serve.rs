@@ -66,12 +66,12 @@ fn init_tracing() {
     let spec = std::env::var("RUST_LOG").ok();
     let filter = tracing_subscriber::EnvFilter::try_new(log_filter(spec.as_deref()))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter(None)));
-    // Colours only on a terminal, so log files stay plain text. `try_init` fails only
-    // if a subscriber is already set, which then keeps logging.
-    // openraft's lines per failed RPC to a peer: at most one of a kind per 10 s, all
-    // counted (`consensus::raft_log`).
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
+    // Colours only on a terminal, so log files stay plain text. `try_init` fails only
+    // if a subscriber is already set, which then keeps logging. openraft's lines per
+    // failed RPC to a peer: at most one of a kind per 10 s, all counted
+    // (`consensus::raft_log`).
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::registry()
         .with(filter)

@@ -266,9 +266,11 @@ pub(super) struct Inner {
 }
 
 /// A runtime of Raft's own: one worker thread for every group's core, its heartbeats,
-/// elections and connections to peers. On the node's main runtime, with thousands of
-/// sends in progress, a heartbeat waited behind all of them; leases lapsed and elections
-/// started under load (BENCHMARKS §3, "Raft on a runtime of its own"). The operating
+/// elections and connections to peers. On the node's main runtime, with hundreds of
+/// sends in progress, a heartbeat waited behind all of them and often timed out (three
+/// times as often as on this runtime: BENCHMARKS §3, "Raft on a runtime of its own").
+/// Answering peers' heartbeats is still the main runtime's work (one port serves
+/// clients and peers). The operating
 /// system shares the cores fairly between threads, so a thread of its own gets a
 /// heartbeat out on time however long the main runtime's queue is.
 struct RaftRuntime(Option<tokio::runtime::Runtime>);
