@@ -273,28 +273,31 @@ pub(super) struct Inner {
 /// clients and peers). The operating
 /// system shares the cores fairly between threads, so a thread of its own gets a
 /// heartbeat out on time however long the main runtime's queue is.
-struct RaftRuntime(Option<tokio::runtime::Runtime>);
+struct RaftRuntime {
+    /// `None` only while being dropped.
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
 
 impl RaftRuntime {
     fn new() -> Result<Self, ConsensusError> {
-        tokio::runtime::Builder::new_multi_thread()
+        let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("parley-raft")
             .enable_all()
             .build()
-            .map(|rt| Self(Some(rt)))
-            .map_err(|e| ConsensusError::Fatal(format!("starting Raft's runtime: {e}")))
-    }
-
-    fn handle(&self) -> Option<tokio::runtime::Handle> {
-        self.0.as_ref().map(|rt| rt.handle().clone())
+            .map_err(|e| ConsensusError::Fatal(format!("starting Raft's runtime: {e}")))?;
+        Ok(Self {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+        })
     }
 }
 
 impl Drop for RaftRuntime {
     /// Dropping a runtime waits for its threads, which an async context may not do.
     fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
+        if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
     }
@@ -431,9 +434,7 @@ impl Groups {
     ) -> Result<Self, ConsensusError> {
         let config = Arc::new(tuning.raft_config()?);
         let runtime = RaftRuntime::new()?;
-        let Some(rt) = runtime.handle() else {
-            return Err(ConsensusError::Fatal("Raft's runtime is gone".to_owned()));
-        };
+        let rt = runtime.handle.clone();
         let peers = Peers::new(node.0).on_runtime(rt.clone());
         let mut groups = BTreeMap::new();
         for gid in plan.groups_of(node.0) {

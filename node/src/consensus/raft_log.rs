@@ -32,27 +32,57 @@ use tracing_subscriber::layer::{Context, Layer};
 /// At most one line of each kind per this long.
 pub const QUIET_WINDOW: Duration = Duration::from_secs(10);
 
-/// The events quieted, by level and message (openraft 0.9): an exact message, or a prefix
-/// of one whose text carries the peer.
-const KINDS: [(Level, Match); 7] = [
-    (
-        Level::ERROR,
-        Match::Is("timeout while confirming leadership for read request"),
-    ),
-    (Level::ERROR, Match::Is("RPCError")),
-    (Level::ERROR, Match::Is("while requesting vote")),
-    (Level::WARN, Match::Starts("error replication to target=")),
-    (Level::WARN, Match::Starts("heartbeat error: ")),
-    (Level::WARN, Match::Is("update progress error")),
-    (
-        Level::WARN,
-        Match::Ends(" backoff mode: drain events without processing them"),
-    ),
-];
-const LEADERSHIP_CHECK: usize = 0;
-const RPC_ERROR: usize = 1;
-const VOTE_REQUEST: usize = 2;
+static LEADERSHIP_CHECKS_MISSED: AtomicU64 = AtomicU64::new(0);
+static PEER_RPCS_FAILED: AtomicU64 = AtomicU64::new(0);
 
+/// One kind of line quieted: openraft's level and message for it, and the counter its
+/// events add to, if any.
+struct Kind {
+    level: Level,
+    message: Match,
+    counter: Option<&'static AtomicU64>,
+}
+
+/// The kinds quieted (openraft 0.9).
+static KINDS: [Kind; 7] = [
+    Kind {
+        level: Level::ERROR,
+        message: Match::Is("timeout while confirming leadership for read request"),
+        counter: Some(&LEADERSHIP_CHECKS_MISSED),
+    },
+    Kind {
+        level: Level::ERROR,
+        message: Match::Is("RPCError"),
+        counter: Some(&PEER_RPCS_FAILED),
+    },
+    Kind {
+        level: Level::ERROR,
+        message: Match::Is("while requesting vote"),
+        counter: Some(&PEER_RPCS_FAILED),
+    },
+    Kind {
+        level: Level::WARN,
+        message: Match::Starts("error replication to target="),
+        counter: None,
+    },
+    Kind {
+        level: Level::WARN,
+        message: Match::Starts("heartbeat error: "),
+        counter: None,
+    },
+    Kind {
+        level: Level::WARN,
+        message: Match::Is("update progress error"),
+        counter: None,
+    },
+    Kind {
+        level: Level::WARN,
+        message: Match::Ends(" backoff mode: drain events without processing them"),
+        counter: None,
+    },
+];
+
+/// How a message is recognized: whole, or by the part of it that does not name the peer.
 #[derive(Clone, Copy)]
 enum Match {
     Is(&'static str),
@@ -69,9 +99,6 @@ impl Match {
         }
     }
 }
-
-static LEADERSHIP_CHECKS_MISSED: AtomicU64 = AtomicU64::new(0);
-static PEER_RPCS_FAILED: AtomicU64 = AtomicU64::new(0);
 
 /// Leadership-check heartbeats a peer did not answer, as openraft reported them, since
 /// this process started (counted only where [`QuietRaftPeerFailures`] is installed).
@@ -128,15 +155,13 @@ impl<S: Subscriber> Layer<S> for QuietRaftPeerFailures {
         event.record(&mut message);
         let Some(k) = KINDS
             .iter()
-            .position(|(l, m)| *l == level && m.matches(&message.0))
+            .position(|k| k.level == level && k.message.matches(&message.0))
         else {
             return true;
         };
-        match k {
-            LEADERSHIP_CHECK => LEADERSHIP_CHECKS_MISSED.fetch_add(1, Ordering::Relaxed),
-            RPC_ERROR | VOTE_REQUEST => PEER_RPCS_FAILED.fetch_add(1, Ordering::Relaxed),
-            _ => 0,
-        };
+        if let Some(counter) = KINDS[k].counter {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         self.admit(k)
     }
 }
@@ -230,18 +255,20 @@ mod tests {
 
     #[test]
     fn a_kind_goes_through_again_once_its_window_has_passed() {
+        let kind = |m: &str| KINDS.iter().position(|k| k.message.matches(m)).unwrap();
+        let (rpc_error, vote_request) = (kind("RPCError"), kind("while requesting vote"));
         // A layer made three windows ago (on the monotonic clock).
         let quiet = QuietRaftPeerFailures {
             origin: Instant::now().checked_sub(QUIET_WINDOW * 3).unwrap(),
             ..Default::default()
         };
-        assert!(quiet.admit(RPC_ERROR));
-        assert!(!quiet.admit(RPC_ERROR));
-        assert!(quiet.admit(VOTE_REQUEST));
+        assert!(quiet.admit(rpc_error));
+        assert!(!quiet.admit(rpc_error));
+        assert!(quiet.admit(vote_request));
         // As if the last RPCError line went through when the layer was made.
-        quiet.last[RPC_ERROR].store(1, Ordering::Relaxed);
-        assert!(quiet.admit(RPC_ERROR));
-        assert!(!quiet.admit(RPC_ERROR));
-        assert!(!quiet.admit(VOTE_REQUEST));
+        quiet.last[rpc_error].store(1, Ordering::Relaxed);
+        assert!(quiet.admit(rpc_error));
+        assert!(!quiet.admit(rpc_error));
+        assert!(!quiet.admit(vote_request));
     }
 }
