@@ -222,6 +222,24 @@ impl Backoff {
     }
 }
 
+/// The next send of `pending` to finish, if one does before `until`; `None` when `until`
+/// comes first, or when nothing is pending (after sleeping until `until`).
+async fn next_before<F: std::future::Future<Output = SendOutcome>>(
+    pending: &mut FuturesUnordered<F>,
+    until: Instant,
+) -> Option<SendOutcome> {
+    let until = tokio::time::Instant::from_std(until);
+    if pending.is_empty() {
+        tokio::time::sleep_until(until).await;
+        return None;
+    }
+    tokio::select! {
+        biased;
+        Some(done) = pending.next() => Some(done),
+        _ = tokio::time::sleep_until(until) => None,
+    }
+}
+
 /// Stamp key, room, send time, and the error code and message if it failed.
 type SendOutcome = (u64, u32, u64, Result<(), (String, String)>);
 
@@ -264,33 +282,17 @@ pub async fn sender(plan: SenderPlan, shared: Arc<Shared>) -> SenderLog {
         let due = match plan.pace {
             Some(p) => {
                 let due = plan.load_start + p.due(j);
-                let due_tokio = tokio::time::Instant::from_std(due);
                 // Collect acks while waiting for this message's slot.
-                loop {
-                    if pending.is_empty() {
-                        tokio::time::sleep_until(due_tokio).await;
-                        break;
-                    }
-                    tokio::select! {
-                        biased;
-                        Some(done) = pending.next() => on_done(&mut log, &mut backoff, done),
-                        _ = tokio::time::sleep_until(due_tokio) => break,
-                    }
+                while let Some(done) = next_before(&mut pending, due).await {
+                    on_done(&mut log, &mut backoff, done);
                 }
                 due
             }
             None => {
                 // Collect acks while backing off; a success ends the pause early.
                 while let Some(until) = backoff.pause_at(Instant::now()) {
-                    let until = tokio::time::Instant::from_std(until);
-                    if pending.is_empty() {
-                        tokio::time::sleep_until(until).await;
-                        continue;
-                    }
-                    tokio::select! {
-                        biased;
-                        Some(done) = pending.next() => on_done(&mut log, &mut backoff, done),
-                        _ = tokio::time::sleep_until(until) => {}
+                    if let Some(done) = next_before(&mut pending, until).await {
+                        on_done(&mut log, &mut backoff, done);
                     }
                 }
                 Instant::now()
