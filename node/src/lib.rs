@@ -3,6 +3,7 @@
 //! Layers, bottom up (each folder's `mod.rs` says what it owns and must never touch):
 //! - [`ids`], [`clock`]: typed ids and the hybrid logical clock that orders messages.
 //! - [`store`]: the only module that names sled; trees, batches, group-commit flush.
+//! - [`stats`]: latency histograms any layer records into for `/metrics`.
 //! - [`discovery`]: the libp2p swarm (Kademlia + identify) that finds the cluster's members.
 //! - [`placement`]: room/user -> partition -> replica set.
 //! - [`consensus`]: openraft, one group per partition; the pure partition state machine.
@@ -46,6 +47,7 @@ pub mod ids;
 pub mod node;
 pub mod placement;
 pub mod replication;
+pub mod stats;
 pub mod store;
 
 /// Helpers shared by unit tests across modules.

@@ -261,6 +261,12 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> String {
     );
     histogram(
         &mut out,
+        "parley_store_flush_seconds",
+        "Group commits: sled writing out its log buffers and the fsync, per flush.",
+        &ctx.db.stats().flush_seconds.snapshot(),
+    );
+    histogram(
+        &mut out,
         "parley_send_seconds",
         "Acknowledged client SendMessage calls, handler entry to answer on the node called (auth, forward to the home, write).",
         &m.send_latency.snapshot(),
@@ -268,12 +274,7 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> String {
     out
 }
 
-fn histogram(
-    out: &mut String,
-    name: &str,
-    help: &str,
-    h: &crate::replication::stats::HistogramSnapshot,
-) {
+fn histogram(out: &mut String, name: &str, help: &str, h: &crate::stats::HistogramSnapshot) {
     out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
     for (bound, n) in &h.cumulative {
         let le = if bound.is_finite() {

@@ -71,7 +71,7 @@ pub struct Metrics {
     /// Acknowledged `SendMessage` calls from clients (not forwarded ones), from the call
     /// reaching this node's handler to its answer: auth, the forward to the room's home
     /// when this is not it, and the write.
-    pub send_latency: crate::replication::stats::Histogram,
+    pub send_latency: crate::stats::Histogram,
 }
 
 impl Metrics {

@@ -47,6 +47,8 @@ pub struct Db {
 pub struct FlushStats {
     pub flushes: std::sync::atomic::AtomicU64,
     pub waiters: std::sync::atomic::AtomicU64,
+    /// How long each flush took: sled writing out its log buffers and the fsync.
+    pub flush_seconds: crate::stats::Histogram,
 }
 
 impl Db {
@@ -124,7 +126,14 @@ async fn group_commit(
             waiters.push(w);
         }
         let db2 = db.clone();
-        let res = match tokio::task::spawn_blocking(move || db2.flush()).await {
+        let stats2 = stats.clone();
+        let flush = move || {
+            let t = std::time::Instant::now();
+            let r = db2.flush();
+            stats2.flush_seconds.observe(t.elapsed());
+            r
+        };
+        let res = match tokio::task::spawn_blocking(flush).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(StoreError::from(e)),
             Err(e) => Err(StoreError::Io(format!("flush task failed: {e}"))),

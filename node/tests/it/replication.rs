@@ -180,6 +180,21 @@ async fn messages_replicate_converge_and_resume_across_nodes() {
     assert_eq!(total("parley_write_ack_seconds_bucket{le=\"+Inf\"}"), 190.0);
     // Each client call is timed once, on the node the client called.
     assert_eq!(total("parley_send_seconds_count"), 190.0);
+    // Every group commit is timed: each node made some, and timed each one.
+    for n in &c.nodes {
+        let m = support::metrics(n);
+        let get = |name: &str| m.get(name).copied().unwrap_or(0.0);
+        let flushes = get("parley_store_flushes_total");
+        assert!(flushes > 0.0, "node made no group commit");
+        // A flush timed but not yet counted when the scrape read the counter (Raft's
+        // own appends go on) shows one more in the histogram, never one fewer.
+        let timed = get("parley_store_flush_seconds_count");
+        assert!(
+            (flushes..=flushes + 1.0).contains(&timed),
+            "{timed} flushes timed, {flushes} counted"
+        );
+        assert!(get("parley_store_flush_seconds_sum") > 0.0);
+    }
     eventually(
         Duration::from_secs(20),
         "every partition has one leader",
