@@ -462,7 +462,7 @@ impl Timelines {
             let mut g = slot.lock().await;
             let rd = self.load_locked(room, &mut g)?;
             let short = changes.iter().map(Vec::len).sum::<usize>() <= SHORT_PUSH;
-            let complete = self.with_chunk(room, rd, chunk, short, |doc| {
+            let complete = self.with_chunk(room, rd, chunk, short, Some(changes), |doc| {
                 super::timeline::load_changes(doc, changes).map_err(|e| {
                     TimelineError::Invalid {
                         reason: format!("a pushed change does not decode: {e}"),
@@ -485,12 +485,19 @@ impl Timelines {
     /// since it takes about as long as handing the worker's other tasks to another
     /// thread would. Anything else (sync exchanges, seals, sealed chunks) runs in a
     /// blocking section.
-    fn with_chunk<R>(
+    ///
+    /// `pushed`: the changes `f` applies, as a peer encoded them (a push). If they are
+    /// all the open chunk gains, the next round stores them as they are (see
+    /// `RoomDoc::unsaved`). They are not when automerge held back changes from
+    /// elsewhere for missing dependencies, which these may release: then, as after any
+    /// other `f`, the round asks automerge what the chunk gained.
+    pub(super) fn with_chunk<R>(
         &self,
         room: &RoomId,
         rd: &mut RoomDoc,
         chunk: u32,
         short: bool,
+        pushed: Option<&[Vec<u8>]>,
         f: impl FnOnce(&mut AutoCommit) -> Result<R, TimelineError>,
     ) -> Result<R, TimelineError> {
         if chunk >= rd.chunk {
@@ -498,7 +505,22 @@ impl Timelines {
                 while rd.chunk < chunk {
                     super::timeline::seal(&self.inner, room, rd)?;
                 }
+                let extend = match (pushed, rd.unsaved.take()) {
+                    (Some(changes), Some((reached, bytes)))
+                        if rd.doc.get_missing_deps(&[]).is_empty()
+                            && reached == rd.doc.get_heads() =>
+                    {
+                        Some((changes, bytes))
+                    }
+                    _ => None,
+                };
                 let (r, new) = apply_and_collect(room, &mut rd.doc, f);
+                if let (Some((changes, mut bytes)), Ok(_)) = (extend, &r) {
+                    for c in changes {
+                        bytes.extend_from_slice(c);
+                    }
+                    rd.unsaved = Some((rd.doc.get_heads(), bytes));
+                }
                 self.queue_new(room, rd, new, true)?;
                 r
             };
@@ -647,7 +669,7 @@ impl Timelines {
             }
             states.remove(&k).unwrap_or_default()
         };
-        let (message, lacked) = self.with_chunk(&room, rd, req.chunk, false, |doc| {
+        let (message, lacked) = self.with_chunk(&room, rd, req.chunk, false, None, |doc| {
             if !req.message.is_empty() {
                 let msg = decode_sync(&req.message, "sync message")?;
                 doc.sync()
@@ -705,7 +727,7 @@ impl Timelines {
             Some(heads) => heads,
             None => {
                 let mut heads =
-                    self.with_chunk(room, rd, req.chunk, false, |doc| Ok(doc.get_heads()))?;
+                    self.with_chunk(room, rd, req.chunk, false, None, |doc| Ok(doc.get_heads()))?;
                 heads.sort_unstable();
                 heads
             }
@@ -875,7 +897,7 @@ impl Timelines {
                     Some(heads) => (None, heads),
                     None => {
                         let before = rd.pending.len();
-                        let m = self.with_chunk(room, rd, chunk, false, |doc| {
+                        let m = self.with_chunk(room, rd, chunk, false, None, |doc| {
                             Ok(doc
                                 .sync()
                                 .generate_sync_message(&mut state)
@@ -915,7 +937,7 @@ impl Timelines {
                 let rd = self.load_locked(room, &mut g)?;
                 let msg = decode_sync(&reply.message, "sync reply")?;
                 let had = rd.pending_events.len();
-                let lacked = self.with_chunk(room, rd, chunk, false, |doc| {
+                let lacked = self.with_chunk(room, rd, chunk, false, None, |doc| {
                     doc.sync()
                         .receive_sync_message(&mut state, msg)
                         .map_err(|e| TimelineError::Invalid {

@@ -181,6 +181,16 @@ pub(super) struct RoomDoc {
     /// Authors of those entries and the writers' merged fence, pushed with their change.
     pub(super) pending_authors: std::collections::BTreeSet<String>,
     pub(super) pending_fence: Option<Fence>,
+    /// The open chunk's heads when its changes were last stored: the next round stores
+    /// (and, for local entries, pushes) what the chunk gained since.
+    pub(super) saved_heads: Vec<ChangeHash>,
+    /// Changes peers pushed, as they encoded them, that are everything the open chunk
+    /// gained since `saved_heads`, and the heads they brought it to. The next round
+    /// stores these bytes as they are, instead of automerge finding and encoding the
+    /// new changes again (which walks the whole chunk). `None` once anything else (a
+    /// local write, an anti-entropy exchange) changed the chunk: the round then asks
+    /// automerge.
+    pub(super) unsaved: Option<(Vec<ChangeHash>, Vec<u8>)>,
 }
 
 /// A writer waiting for its entry to be durable on `quorum` replicas (this one included).
@@ -190,15 +200,19 @@ pub(super) struct Waiter {
 }
 
 impl RoomDoc {
+    /// `doc` as the store holds it: nothing in it is waiting to be stored.
     fn new(
         chunk: u32,
-        doc: AutoCommit,
+        mut doc: AutoCommit,
         entries: usize,
         bytes: usize,
         next_seq: u64,
         since_compact: usize,
     ) -> Self {
+        let saved_heads = doc.get_heads();
         Self {
+            unsaved: Some((saved_heads.clone(), Vec::new())),
+            saved_heads,
             chunk,
             doc,
             entries,
@@ -591,6 +605,7 @@ impl Timelines {
         fence: Option<Fence>,
     ) -> Result<oneshot::Receiver<Result<(), TimelineError>>, TimelineError> {
         let bytes = entry.encode_to_vec();
+        rd.unsaved = None;
         rd.doc
             .put(ROOT, id.chunk_key(), ScalarValue::Bytes(bytes.clone()))
             .map_err(|e| TimelineError::Storage(StoreError::Io(format!("automerge put: {e}"))))?;
@@ -1408,8 +1423,15 @@ fn fail_room(
 }
 
 /// Puts a room's new automerge change and its pending index entries into `batch`.
+/// If the batch fails the room is dropped from memory, so the saved heads move here.
 fn stage(room: &RoomId, rd: &mut RoomDoc, batch: &mut Batch) -> Staged {
-    let change = rd.doc.save_incremental();
+    let heads = rd.doc.get_heads();
+    let change = match rd.unsaved.take() {
+        Some((reached, pushed)) if reached == heads => pushed,
+        _ => rd.doc.save_after(&rd.saved_heads),
+    };
+    rd.unsaved = Some((heads.clone(), Vec::new()));
+    rd.saved_heads = heads;
     if !change.is_empty() {
         batch.insert(
             key(
@@ -1479,6 +1501,10 @@ pub(super) fn compact(t: &Tree, room: &RoomId, rd: &mut RoomDoc) -> Result<(), S
     t.remove_range(lo..hi)?;
     rd.since_compact = 0;
     rd.bytes = full.len();
+    // The whole save holds everything, including changes a replica applied but has
+    // not stored yet (it seals when it follows the writer into the next chunk).
+    rd.saved_heads = rd.doc.get_heads();
+    rd.unsaved = Some((rd.saved_heads.clone(), Vec::new()));
     Ok(())
 }
 
@@ -1644,6 +1670,48 @@ mod tests {
             .all(|p| p.term.is_none() && p.authors == ["alice"]));
     }
 
+    /// A room's open chunk loaded from the store (a restart) saves and pushes only the
+    /// changes made after the load: its first round does not write, or push to every
+    /// peer, the whole chunk's history again.
+    #[tokio::test]
+    async fn the_first_write_after_a_reload_pushes_only_its_own_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = room(12);
+        {
+            let (db, tl, _hub) = open(dir.path(), ChunkLimits::default()).await;
+            for i in 0..30 {
+                tl.send(msg(&r, &format!("m{i}"), &format!("c{i}")))
+                    .await
+                    .unwrap();
+            }
+            db.flush().await.unwrap();
+        }
+        let (_db, tl, _hub) = reopen(dir.path(), ChunkLimits::default()).await;
+        let rec = Arc::new(Recorder::default());
+        tl.set_network(1, rec.clone());
+        tl.send(NewMessage {
+            write_quorum: 2,
+            ..msg(&r, "after the reload", "c30")
+        })
+        .await
+        .unwrap();
+        let pushed = rec.pushes.lock().unwrap().clone();
+        let changes: Vec<automerge::Change> = pushed
+            .iter()
+            .flat_map(|p| p.changes.iter())
+            .flat_map(|c| parse_change_run(c).unwrap().unwrap())
+            .collect();
+        assert_eq!(changes.len(), 1, "pushed {} changes", changes.len());
+        assert_eq!(changes[0].len(), 1, "one op: the new message");
+        // The store holds it once more, as one change.
+        let t = &tl.inner.tree;
+        let (_, last) = t
+            .last_with_prefix(key(b'c', &r, &[&0u32.to_be_bytes()]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(parse_change_run(&last).unwrap().unwrap().len(), 1);
+    }
+
     /// The texts of the first ten messages of `r`'s history, in id order.
     fn texts(tl: &Timelines, r: &RoomId) -> Vec<String> {
         let q = HistoryQuery {
@@ -1727,6 +1795,58 @@ mod tests {
         load_changes(&mut doc, &[whole]).unwrap();
         assert_eq!(doc.length(ROOT), 2);
         assert_eq!(doc.get_heads(), writer.get_heads());
+    }
+
+    /// The `c` records of `r`'s open chunk 0, oldest first.
+    fn stored_changes(tl: &Timelines, r: &RoomId) -> Vec<Vec<u8>> {
+        let t = &tl.inner.tree;
+        t.scan_prefix(key(b'c', r, &[&0u32.to_be_bytes()]))
+            .unwrap()
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    /// A replica stores a peer's pushed changes as the peer encoded them, and the
+    /// store reloads to the same document. A change automerge held back for a missing
+    /// dependency, received in an anti-entropy exchange (not a push), is stored too
+    /// when a later push releases it: that round asks automerge what the chunk gained.
+    #[tokio::test]
+    async fn a_replica_stores_pushed_changes_as_they_came_and_what_they_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = room(14);
+        let mut writer = AutoCommit::new();
+        let c: Vec<Vec<u8>> = (1..=4).map(|i| writer_change(&mut writer, &r, i)).collect();
+        {
+            let (db, tl, _hub) = open(dir.path(), ChunkLimits::default()).await;
+            assert!(tl.apply_remote(&r, 0, &c[..1]).await.unwrap());
+            assert_eq!(stored_changes(&tl, &r), [c[0].clone()], "stored as pushed");
+            // Change 3 arrives through an exchange, before 2: held back, nothing gained.
+            let slot = tl.slot(&r);
+            let rx = {
+                let mut g = slot.lock().await;
+                let rd = tl.load_locked(&r, &mut g).unwrap();
+                tl.with_chunk(&r, rd, 0, false, None, |doc| {
+                    load_changes(doc, &c[2..3]).unwrap();
+                    Ok(())
+                })
+                .unwrap();
+                tl.wait_for_pending(&r, rd, 1).unwrap()
+            };
+            Timelines::wait_durable(rx).await.unwrap();
+            // The push of 2 releases 3; 4 follows in a push of its own.
+            assert!(tl.apply_remote(&r, 0, &c[1..2]).await.unwrap());
+            assert!(tl.apply_remote(&r, 0, &c[3..4]).await.unwrap());
+            assert_eq!(stored_changes(&tl, &r).last(), Some(&c[3]));
+            assert_eq!(texts(&tl, &r), ["m1", "m2", "m3", "m4"]);
+            db.flush().await.unwrap();
+        }
+        let (_db, tl, _hub) = reopen(dir.path(), ChunkLimits::default()).await;
+        assert_eq!(texts(&tl, &r), ["m1", "m2", "m3", "m4"]);
+        let slot = tl.slot(&r);
+        let mut g = slot.lock().await;
+        let rd = tl.load_locked(&r, &mut g).unwrap();
+        assert_eq!(rd.doc.get_heads(), writer.get_heads());
     }
 
     #[tokio::test]
