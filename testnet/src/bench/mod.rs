@@ -18,12 +18,15 @@
 //!   connection, connect times, and a delivery probe to every client.
 //! - [`sweep`] (`--sweep-senders`, `--sweep-write-quorum`): the load bench once per
 //!   value against one cluster, as a markdown table and one JSON document.
+//! - [`compare`] (`--compare A,B`): the load bench on a fresh cluster of each given
+//!   `parley` build in turn, alternated over `--rounds`, with medians per build.
 //!
 //! Every phase is bounded: setup by per-step retry budgets, sending by `--duration`
 //! or `--messages` plus a safety bound, the drain by `--drain`, the whole run by
 //! `--timeout`. Nodes started here are stopped by PID on every path out.
 
 mod clients;
+mod compare;
 mod load;
 mod payload;
 mod report;
@@ -73,11 +76,18 @@ MODES
               against one cluster, each point with its own users and rooms. Prints a
               markdown table (W, senders, acked/s, deliveries/s, p50/p99/max send to
               delivery, errors, lost); --json writes {\"points\": [...]} with every report.
+  compare     --compare OLD,NEW runs the load bench on a fresh cluster of each `parley`
+              binary in turn, --rounds times, alternating the order (OLD NEW NEW OLD
+              ...) so that a machine getting faster or slower during the runs weighs on
+              both alike. Prints one row per run and, per binary, the median and range
+              of acked/s and of node CPU per message, with the change against the first
+              binary; --json writes every run's report.
 
 EXAMPLES
   testnet bench --clients 10000
   testnet bench --sweep-senders 1,16,64,256 --duration 30s --json sweep-senders.json
-  testnet bench --sweep-write-quorum 1,2 --duration 30s --json sweep-w.json")]
+  testnet bench --sweep-write-quorum 1,2 --duration 30s --json sweep-w.json
+  testnet bench --compare old/parley,target/release/parley --rounds 3 --inflight 8")]
 pub struct BenchArgs {
     /// gRPC addresses of running nodes (HOST:PORT,...). Without it a fresh cluster of
     /// `--nodes` nodes is started in a temporary directory and stopped at the end.
@@ -170,6 +180,18 @@ pub struct BenchArgs {
         conflicts_with = "plot"
     )]
     sweep_write_quorum: Vec<u32>,
+    /// Compare `parley` builds: the load bench on a fresh cluster of each, in turn
+    /// (see MODES below).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "PARLEY,...",
+        conflicts_with_all = ["target", "parley", "pids", "clients", "sweep_senders", "sweep_write_quorum", "plot"]
+    )]
+    compare: Vec<PathBuf>,
+    /// Compare mode: runs of each binary.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    rounds: usize,
 }
 
 /// What one invocation runs.
@@ -217,6 +239,12 @@ impl BenchArgs {
         }
         if self.sweep_write_quorum.contains(&0) {
             bail!("--sweep-write-quorum values must be at least 1");
+        }
+        if !(1..=compare::MAX_ROUNDS).contains(&self.rounds) {
+            bail!("--rounds must be between 1 and {}", compare::MAX_ROUNDS);
+        }
+        if self.compare.len() > compare::MAX_BINARIES {
+            bail!("--compare takes at most {} binaries", compare::MAX_BINARIES);
         }
         Ok(())
     }
@@ -278,6 +306,55 @@ impl BenchArgs {
 
 pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     args.validate()?;
+    if !args.compare.is_empty() {
+        return compare::run(&args).await;
+    }
+    let done = on_cluster(&args).await?;
+    let node_died = done.node_died;
+    let (json, passed) = match done.outcome? {
+        Outcome::Load(report) => {
+            println!("{}", report.table());
+            if let Some(path) = &args.plot {
+                std::fs::write(path, report.plot())
+                    .with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("wrote {}", path.display());
+            }
+            (serde_json::to_string_pretty(&report)?, true)
+        }
+        Outcome::Clients(report) => {
+            println!("{}", report.table());
+            (serde_json::to_string_pretty(&report)?, report.passed())
+        }
+        Outcome::Sweep(report) => {
+            println!("{}", sweep::table(&report.points));
+            let ok = report.points.iter().all(|p| p.error.is_none());
+            (serde_json::to_string_pretty(&report)?, ok)
+        }
+    };
+    if let Some(path) = &args.json {
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(if node_died || !passed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// What [`on_cluster`] produced, and how the nodes it started fared.
+struct OnCluster {
+    outcome: Result<Outcome>,
+    /// A node this invocation started exited during the run.
+    node_died: bool,
+    /// Ctrl-C ended the run.
+    interrupted: bool,
+}
+
+/// Runs what `args` asks for: against `--target`, or on a fresh cluster of `--nodes`
+/// nodes started here and stopped by PID on every path out. Errs only when that
+/// cluster does not start.
+async fn on_cluster(args: &BenchArgs) -> Result<OnCluster> {
     let mut started: Option<Running> = None;
     let mut tmp: Option<tempfile::TempDir> = None;
     let targets: Vec<SocketAddr> = if args.target.is_empty() {
@@ -329,7 +406,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     let mut interrupted = false;
     let nodes_started = started.as_ref().map_or(0, |r| r.layout.nodes.len());
     let outcome = tokio::select! {
-        r = tokio::time::timeout(hard, execute(&args, &targets, nodes_started, &watched)) => {
+        r = tokio::time::timeout(hard, execute(args, &targets, nodes_started, &watched)) => {
             r.unwrap_or_else(|_| Err(anyhow!("hard timeout of {hard:?} reached (--timeout)")))
         }
         _ = tokio::signal::ctrl_c() => {
@@ -357,35 +434,10 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
             eprintln!("node data and log kept in {}", kept.display());
         }
     }
-
-    let (json, passed) = match outcome? {
-        Outcome::Load(report) => {
-            println!("{}", report.table());
-            if let Some(path) = &args.plot {
-                std::fs::write(path, report.plot())
-                    .with_context(|| format!("writing {}", path.display()))?;
-                eprintln!("wrote {}", path.display());
-            }
-            (serde_json::to_string_pretty(&report)?, true)
-        }
-        Outcome::Clients(report) => {
-            println!("{}", report.table());
-            (serde_json::to_string_pretty(&report)?, report.passed())
-        }
-        Outcome::Sweep(report) => {
-            println!("{}", sweep::table(&report.points));
-            let ok = report.points.iter().all(|p| p.error.is_none());
-            (serde_json::to_string_pretty(&report)?, ok)
-        }
-    };
-    if let Some(path) = &args.json {
-        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(if node_died || !passed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
+    Ok(OnCluster {
+        outcome,
+        node_died,
+        interrupted,
     })
 }
 

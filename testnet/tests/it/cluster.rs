@@ -307,3 +307,79 @@ fn up_status_kill_start_down() {
         t0.elapsed()
     );
 }
+
+/// `bench --compare A,B`: each build runs on a cluster of its own, started and
+/// stopped for the run, the rounds alternate the order, and the tables name every
+/// run and summarize each build. The two "builds" are the same binary under two names.
+#[test]
+fn compare_runs_each_build_on_a_fresh_cluster() {
+    let Some(parley) = parley() else {
+        eprintln!("SKIPPED: no `parley` beside {TESTNET}; run `cargo test --workspace`");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("old-parley"), tmp.path().join("new-parley"));
+    std::os::unix::fs::symlink(&parley, &a).unwrap();
+    std::os::unix::fs::symlink(&parley, &b).unwrap();
+    let json = tmp.path().join("compare.json");
+    let builds = format!("{},{}", a.display(), b.display());
+    let json_arg = json.display().to_string();
+    let out = testnet(
+        &[
+            "bench",
+            "--compare",
+            &builds,
+            "--rounds",
+            "2",
+            "--senders",
+            "4",
+            "--rooms",
+            "2",
+            "--subscribers-per-room",
+            "1",
+            "--messages",
+            "100",
+            "--drain",
+            "5s",
+            "--json",
+            &json_arg,
+        ],
+        Duration::from_secs(300),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains(&format!("A: {}", a.display())), "{stdout}");
+    for row in ["| 1 | A |", "| 2 | B |", "| 3 | B |", "| 4 | A |"] {
+        assert!(stdout.contains(row), "no row {row}:\n{stdout}");
+    }
+    assert!(
+        stdout.contains("| B | 2 |") && stdout.contains("acked/s "),
+        "{stdout}"
+    );
+
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = r["runs"].as_array().unwrap();
+    let order: Vec<u64> = runs.iter().map(|x| x["binary"].as_u64().unwrap()).collect();
+    assert_eq!(order, [0, 1, 1, 0]);
+    let mut pids = Vec::new();
+    for run in runs {
+        let rep = &run["report"];
+        assert_eq!(rep["acked"], 100, "{run}");
+        assert_eq!(rep["delivery_check"]["lost"], 0, "{run}");
+        assert_eq!(run["node_died"], false);
+        let nodes = rep["nodes"].as_array().unwrap();
+        assert_eq!(nodes.len(), 3, "{run}");
+        pids.extend(nodes.iter().map(|n| n["pid"].as_u64().unwrap()));
+    }
+    // A cluster of its own per run, every node stopped by the end.
+    let distinct: std::collections::BTreeSet<_> = pids.iter().collect();
+    assert_eq!(distinct.len(), 12, "{pids:?}");
+    assert!(pids.iter().all(|p| gone(*p)), "{pids:?}");
+    let summary = r["summary"].as_array().unwrap();
+    assert_eq!(summary.len(), 2);
+    for s in summary {
+        assert_eq!(s["runs"], 2);
+        assert!(s["acked_per_s"]["median"].as_f64().unwrap() > 0.0, "{s}");
+    }
+}
