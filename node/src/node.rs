@@ -77,6 +77,8 @@ pub struct Config {
     pub max_sends_in_progress: usize,
     /// ...for at most this long.
     pub admission_wait: Duration,
+    /// Page cache of each of the node's two stores, in MiB.
+    pub store_cache_mib: u64,
 }
 
 impl Config {
@@ -102,6 +104,7 @@ impl Config {
             balance_leaders: true,
             max_sends_in_progress: crate::api::admission::DEFAULT_LIMIT,
             admission_wait: crate::api::admission::ADMIT_WAIT,
+            store_cache_mib: crate::store::DEFAULT_CACHE_MIB,
         }
     }
 }
@@ -137,9 +140,10 @@ pub async fn run(
     // Two stores, each with its own group commit: Raft's log appends and votes must not
     // wait behind the flush of message data (under sustained load that flush grows
     // long enough to time out heartbeats and churn leaders).
-    let db = Db::open(&config.data_dir.join("db"))
+    let cache = config.store_cache_mib.saturating_mul(1024 * 1024);
+    let db = Db::open_with_cache(&config.data_dir.join("db"), cache)
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
-    let raft_db = Db::open(&config.data_dir.join("raft")).with_context(|| {
+    let raft_db = Db::open_with_cache(&config.data_dir.join("raft"), cache).with_context(|| {
         format!(
             "cannot open the Raft store in {}",
             config.data_dir.display()

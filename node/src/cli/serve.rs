@@ -29,6 +29,7 @@ impl ServeArgs {
         c.commit_linger = self.timeline_commit_linger_us.map(Duration::from_micros);
         c.balance_leaders = !self.no_leader_balance;
         c.max_sends_in_progress = self.max_sends_in_progress as usize;
+        c.store_cache_mib = self.store_cache_mib;
         if self.admission_wait_ms > 0 {
             c.admission_wait = Duration::from_millis(self.admission_wait_ms);
         }

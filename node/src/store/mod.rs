@@ -51,13 +51,21 @@ pub struct FlushStats {
     pub flush_seconds: crate::stats::Histogram,
 }
 
+/// The default page cache of a store, in MiB (`parley serve --store-cache-mib`).
+pub const DEFAULT_CACHE_MIB: u64 = 256;
+
 impl Db {
-    /// Opens (or creates) the database under `path` and starts its group-commit task.
-    /// Must be called inside a tokio runtime.
+    /// Opens (or creates) the database under `path` with the default page cache and
+    /// starts its group-commit task. Must be called inside a tokio runtime.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with_cache(path, DEFAULT_CACHE_MIB * 1024 * 1024)
+    }
+
+    /// [`Db::open`] with a page cache of `cache_bytes` (sled counts pages as encoded).
+    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self> {
         let inner = sled::Config::new()
             .path(path)
-            .cache_capacity(256 * 1024 * 1024)
+            .cache_capacity(cache_bytes)
             .mode(sled::Mode::HighThroughput)
             .open()?;
         Ok(Self::start(inner))
