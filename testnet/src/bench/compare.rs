@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
 
-use super::report::Report;
+use super::report::{fmt_count, Report};
 use super::{on_cluster, BenchArgs, Outcome};
 use crate::nodes;
 
@@ -169,10 +169,10 @@ pub fn table(report: &CompareReport) -> String {
                 let hi = cpu.iter().copied().fold(0.0, f64::max);
                 let _ = writeln!(
                     s,
-                    "| {} | {b}{} | {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {} | {} | {} / {} |",
+                    "| {} | {b}{} | {} | {:.0} / {:.0} | {:.0} / {:.0} | {} | {} | {} / {} |",
                     r.run,
                     if r.node_died { " (a node died)" } else { "" },
-                    rep.acked_per_s,
+                    fmt_count(rep.acked_per_s),
                     rep.ack_latency.p50_ms,
                     rep.ack_latency.p99_ms,
                     rep.delivery_latency.p50_ms,
@@ -214,12 +214,12 @@ pub fn table(report: &CompareReport) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} ({:.0}–{:.0}) | {:.0} ({:.0}–{:.0}) | {against} |",
+            "| {} | {} | {} ({}–{}) | {:.0} ({:.0}–{:.0}) | {against} |",
             label(x.binary),
             x.runs,
-            x.acked_per_s.median,
-            x.acked_per_s.min,
-            x.acked_per_s.max,
+            fmt_count(x.acked_per_s.median),
+            fmt_count(x.acked_per_s.min),
+            fmt_count(x.acked_per_s.max),
             x.node_cpu_us_per_msg.median,
             x.node_cpu_us_per_msg.min,
             x.node_cpu_us_per_msg.max,

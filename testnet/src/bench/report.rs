@@ -78,7 +78,7 @@ pub struct Report {
     pub timeline: Vec<SecondPoint>,
 }
 
-fn fmt_count(n: f64) -> String {
+pub(super) fn fmt_count(n: f64) -> String {
     let s = format!("{:.0}", n.max(0.0));
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
