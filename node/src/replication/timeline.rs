@@ -210,9 +210,9 @@ impl RoomDoc {
         since_compact: usize,
     ) -> Self {
         let saved_heads = doc.get_heads();
-        Self {
-            unsaved: Some((saved_heads.clone(), Vec::new())),
-            saved_heads,
+        let mut rd = Self {
+            saved_heads: Vec::new(),
+            unsaved: None,
             chunk,
             doc,
             entries,
@@ -225,7 +225,16 @@ impl RoomDoc {
             local_pending: 0,
             pending_authors: std::collections::BTreeSet::new(),
             pending_fence: None,
-        }
+        };
+        rd.stored_at(saved_heads);
+        rd
+    }
+
+    /// Everything the open chunk holds up to `heads` is in the store: the next round
+    /// stores what it gains after them, which no push has brought yet.
+    fn stored_at(&mut self, heads: Vec<ChangeHash>) {
+        self.unsaved = Some((heads.clone(), Vec::new()));
+        self.saved_heads = heads;
     }
 
     /// Pairs whose key starts with `prefix`: the store's, overridden by pending writes.
@@ -1430,8 +1439,7 @@ fn stage(room: &RoomId, rd: &mut RoomDoc, batch: &mut Batch) -> Staged {
         Some((reached, pushed)) if reached == heads => pushed,
         _ => rd.doc.save_after(&rd.saved_heads),
     };
-    rd.unsaved = Some((heads.clone(), Vec::new()));
-    rd.saved_heads = heads;
+    rd.stored_at(heads);
     if !change.is_empty() {
         batch.insert(
             key(
@@ -1503,8 +1511,8 @@ pub(super) fn compact(t: &Tree, room: &RoomId, rd: &mut RoomDoc) -> Result<(), S
     rd.bytes = full.len();
     // The whole save holds everything, including changes a replica applied but has
     // not stored yet (it seals when it follows the writer into the next chunk).
-    rd.saved_heads = rd.doc.get_heads();
-    rd.unsaved = Some((rd.saved_heads.clone(), Vec::new()));
+    let heads = rd.doc.get_heads();
+    rd.stored_at(heads);
     Ok(())
 }
 
@@ -1704,12 +1712,9 @@ mod tests {
         assert_eq!(changes.len(), 1, "pushed {} changes", changes.len());
         assert_eq!(changes[0].len(), 1, "one op: the new message");
         // The store holds it once more, as one change.
-        let t = &tl.inner.tree;
-        let (_, last) = t
-            .last_with_prefix(key(b'c', &r, &[&0u32.to_be_bytes()]))
-            .unwrap()
-            .unwrap();
-        assert_eq!(parse_change_run(&last).unwrap().unwrap().len(), 1);
+        let stored = stored_changes(&tl, &r);
+        let last = stored.last().unwrap();
+        assert_eq!(parse_change_run(last).unwrap().unwrap().len(), 1);
     }
 
     /// The texts of the first ten messages of `r`'s history, in id order.
